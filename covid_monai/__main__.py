@@ -1,0 +1,3 @@
+from covid_monai.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,262 @@
+"""The ``covid-monai`` command line: phantom, train, infer, evaluate, demo.
+
+Each subcommand parses its arguments and calls the module that does the work. Exit codes: 0 success, 1 some
+case failed (infer) or the job failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from covid_monai import __version__
+
+__all__ = ["main", "parse_overrides"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit code 2."""
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
+    """Bundle overrides from ``--key value`` pairs (values parsed as JSON, else kept as strings).
+
+    Values are data only: a string starting with ``$``, ``@`` or ``%`` (code or a reference in bundle configs)
+    is refused.
+
+    Args:
+        tokens: e.g. ``["--epochs", "5", "--pixdim", "[1.5, 1.5, -1]"]``; ``--key=value`` works too.
+
+    Returns:
+        ``{"epochs": 5, "pixdim": [1.5, 1.5, -1]}``.
+
+    Example:
+        >>> parse_overrides(["--epochs", "3", "--network_norm", "batch"])
+        {'epochs': 3, 'network_norm': 'batch'}
+    """
+    from covid_monai.bundle import validate_override_value
+
+    overrides: dict[str, Any] = {}
+    items = list(tokens)
+    while items:
+        token = items.pop(0)
+        if not token.startswith("--") or len(token) < 3:
+            raise UsageError(f"unexpected argument {token!r} (bundle settings are given as --key value)")
+        key, _, value = token[2:].partition("=")
+        if not _:
+            if not items:
+                raise UsageError(f"--{key} needs a value")
+            value = items.pop(0)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        try:
+            overrides[key.replace("-", "_")] = validate_override_value(key, parsed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    return overrides
+
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="write synthetic chest CT phantoms with infection and lung masks")
+    p.add_argument("out", type=Path, help="output folder (images/, labels/, lungs/)")
+    p.add_argument("--n", type=int, default=4, help="number of phantoms (default 4)")
+    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 48), metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the bundle on labelled volumes",
+        description="Train on DIR/images + DIR/labels (or a datalist JSON) and write a trained bundle folder. "
+        "Other --key value pairs set bundle settings, e.g. --epochs 50 --network_width 16 --pixdim '[1.5,1.5,-1]'.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder with images/ and labels/, or a datalist JSON")
+    p.add_argument("--out", type=Path, required=True, help="the trained bundle folder to write")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share when splitting (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/models/latest.pt")
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="segment scans: NIfTI files, folders, DICOM series",
+        description="Segment every scan found in the inputs (NIfTI files, folders searched recursively, DICOM "
+        "series folders) with one model load. Writes OUTDIR/<case>_infection.nii.gz in each input's geometry and "
+        "OUTDIR/summary.csv|json. Exit code 0 if all cases succeeded, 1 if any failed, 2 for usage errors.",
+    )
+    p.add_argument("inputs", nargs="*", type=Path, help="NIfTI files, folders, DICOM series folders")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--bundle", type=Path, required=True, help="trained bundle folder (configs/, models/model.pt)")
+    p.add_argument("--list", type=Path, help="text file with one input path per line")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers reading the next scans (default 1)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probability.nii.gz")
+    p.add_argument("--lungs", action="store_true", help="also write <case>_lungs.nii.gz (1 left, 2 right)")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the bundle's, 0.5)")
+    p.add_argument("--min-lesion-ml", type=float, help="remove infection components smaller than this (mL)")
+    p.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded mask (no lung limit)")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    p.add_argument("--force", action="store_true", help="allow an output folder inside an input folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")
+    p.add_argument("--pred", type=Path, required=True, help="folder of <case>_infection.nii.gz")
+    p.add_argument("--labels", type=Path, required=True, help="folder of <case>.nii.gz reference labels")
+    p.add_argument("--out", type=Path, help="where to write metrics.csv and metrics_summary.csv (default: --pred)")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="phantoms → short training → batch inference → masks, metrics and a report")
+    p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
+    p.add_argument("--n-train", type=int, default=12, help="training phantoms (default 12)")
+    p.add_argument("--n-test", type=int, default=4, help="held-out phantoms (default 4)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``covid-monai``."""
+    parser = argparse.ArgumentParser(
+        prog="covid-monai", description="COVID-19 lung infection segmentation on chest CT (MONAI)."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_phantom, _add_train, _add_infer, _add_evaluate, _add_demo):
+        add(sub)
+    return parser
+
+
+def _cmd_phantom(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from covid_monai.phantom import write_phantoms
+
+    cases = write_phantoms(args.out, n=args.n, shape=tuple(args.shape), seed=args.seed)
+    print(f"wrote {len(cases)} phantoms to {args.out} (images/, labels/, lungs/)")
+    return EXIT_OK
+
+
+def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from covid_monai.train import train_bundle
+
+    out = train_bundle(args.data, args.out, extra, args.device, args.val_fraction, args.seed, args.resume)
+    print(f"trained bundle: {out} (weights {out / 'models' / 'model.pt'})")
+    return EXIT_OK
+
+
+def _cmd_infer(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from covid_monai.inference import run_batch
+
+    inputs = list(args.inputs)
+    if args.list:
+        try:
+            lines = args.list.read_text().splitlines()
+        except OSError as exc:
+            raise UsageError(f"{args.list}: cannot read the list ({exc.strerror})") from exc
+        inputs += [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not inputs:
+        raise UsageError("no inputs: give NIfTI files, folders or DICOM folders, or --list FILE")
+    knobs = dict(extra)
+    if args.threshold is not None:
+        knobs["threshold"] = args.threshold
+    if args.min_lesion_ml is not None:
+        knobs["min_lesion_ml"] = args.min_lesion_ml
+    if args.no_postprocess:
+        knobs.update(restrict_to_lungs=False, min_lesion_ml=0.0)
+    results = run_batch(
+        inputs,
+        args.output,
+        args.bundle,
+        knobs=knobs,
+        device=args.device,
+        workers=args.workers,
+        save_probabilities=args.save_probabilities,
+        save_lungs=args.lungs,
+        overwrite=args.overwrite,
+        force=args.force,
+        progress=not args.quiet,
+        debug=args.debug,
+    )
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    print(f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed "
+          f"-> {args.output / 'summary.csv'}")
+    for r in results:
+        if r.status == "failed":
+            print(f"  FAILED {r.input}: {r.error}")
+    return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from covid_monai.evaluate import evaluate_folders, format_table
+
+    out = args.out or args.pred
+    rows, summary = evaluate_folders(args.pred, args.labels, out)
+    print(format_table(rows, summary))
+    print(f"-> {out / 'metrics.csv'}, {out / 'metrics_summary.csv'}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from covid_monai.demo import run_demo
+
+    run_demo(args.out, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, device=args.device,
+             seed=args.seed, knobs=extra)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "phantom": _cmd_phantom,
+    "train": _cmd_train,
+    "infer": _cmd_infer,
+    "evaluate": _cmd_evaluate,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``covid-monai`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        if unknown and args.command not in ("train", "demo", "infer"):
+            raise UsageError(f"unrecognised arguments: {' '.join(unknown)}")
+        extra = parse_overrides(unknown)
+        started = time.perf_counter()
+        code = COMMANDS[args.command](args, extra)
+        logging.getLogger("covid_monai").info("%s finished in %.1f s", args.command, time.perf_counter() - started)
+        return code
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"covid-monai {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line; the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(exc).split("\n")[0].split()) if not str(exc).count("\n") else str(exc)
+        print(f"covid-monai {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Training datalists: pairing images with labels, splitting, and checking the data before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from covid_monai.io import atomic_write_text, is_nifti, nifti_stem
+
+__all__ = ["DataCheckError", "build_datalist", "check_training_data", "pair_images_labels", "write_datalist"]
+
+
+class DataCheckError(ValueError):
+    """Raised with every problem found in a training set, one per line."""
+
+
+def pair_images_labels(data_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """Pair ``DIR/images/<case>.nii[.gz]`` with ``DIR/labels/<case>.nii[.gz]`` by case name.
+
+    Args:
+        data_dir: a folder with ``images/`` and ``labels/``.
+
+    Returns:
+        ``[{"image": path, "label": path}]`` sorted by case name (absolute paths).
+
+    Raises:
+        DataCheckError: listing folders missing, and images without labels or labels without images.
+    """
+    root = Path(data_dir)
+    problems = [f"{root / sub}: folder missing" for sub in ("images", "labels") if not (root / sub).is_dir()]
+    if problems:
+        raise DataCheckError("\n".join(problems))
+    images = {nifti_stem(p): p for p in sorted((root / "images").iterdir()) if is_nifti(p)}
+    labels = {nifti_stem(p): p for p in sorted((root / "labels").iterdir()) if is_nifti(p)}
+    problems += [f"{images[c]}: no label {root / 'labels' / c}.nii.gz" for c in sorted(set(images) - set(labels))]
+    problems += [f"{labels[c]}: no image {root / 'images' / c}.nii.gz" for c in sorted(set(labels) - set(images))]
+    if not images and not problems:
+        problems.append(f"{root / 'images'}: no NIfTI images")
+    if problems:
+        raise DataCheckError("\n".join(problems))
+    return [{"image": str(images[c].resolve()), "label": str(labels[c].resolve())} for c in sorted(images)]
+
+
+def build_datalist(
+    data: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[dict[str, str]]]:
+    """A Decathlon-style datalist (``training`` and ``validation``) from a data folder or a datalist JSON.
+
+    A folder is paired with :func:`pair_images_labels` and split at random (seeded) with at least one case on each
+    side. A JSON file is read as is (relative paths resolved against its folder); without a ``validation`` list it
+    is split the same way.
+
+    Args:
+        data: ``images/``+``labels/`` folder, or a datalist JSON.
+        val_fraction: share of cases held out for validation when splitting.
+        seed: random seed of the split.
+
+    Returns:
+        ``{"training": [...], "validation": [...]}`` with absolute paths.
+    """
+    path = Path(data)
+    if path.is_file():
+        try:
+            document = json.loads(path.read_text())
+        except ValueError as exc:
+            raise DataCheckError(f"{path}: not a JSON datalist ({exc})") from exc
+        if not isinstance(document, Mapping) or not isinstance(document.get("training"), list):
+            raise DataCheckError(f"{path}: a datalist needs a 'training' list of {{'image', 'label'}} items")
+        lists = {k: [_absolute(item, path.parent) for item in document.get(k, [])] for k in ("training", "validation")}
+        if lists["validation"]:
+            return lists
+        items = lists["training"]
+    else:
+        items = pair_images_labels(path)
+    if len(items) < 2:
+        raise DataCheckError(f"{data}: at least 2 labelled cases are needed (one to train, one to validate)")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+    val = sorted(order[:n_val])
+    return {
+        "training": [items[i] for i in sorted(order[n_val:])],
+        "validation": [items[i] for i in val],
+    }
+
+
+def _absolute(item: Mapping[str, Any], base: Path) -> dict[str, str]:
+    if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
+        raise DataCheckError(f"datalist item {item!r}: needs 'image' and 'label'")
+    return {k: str((base / str(item[k])).resolve()) for k in ("image", "label")}
+
+
+def check_training_data(
+    datalist: Mapping[str, Sequence[Mapping[str, str]]], label_values: Sequence[int] = (0, 1), atol: float = 1e-3
+) -> None:
+    """Check every training and validation case before training starts; report all problems together.
+
+    Checks: files exist and load; image and label are 3D with the same shape and affine; label values within
+    ``label_values``; the training set is not entirely empty of infection.
+
+    Args:
+        datalist: from :func:`build_datalist`.
+        label_values: allowed label values (0 background, 1 infection; 255 is accepted and binarised by
+            nothing, so it is reported).
+        atol: tolerance on affine differences (mm).
+
+    Raises:
+        DataCheckError: one line per problem, each naming the case file.
+    """
+    problems: list[str] = []
+    positives = 0
+    for split, items in datalist.items():
+        for item in items:
+            image_path, label_path = Path(item["image"]), Path(item["label"])
+            missing = [str(p) for p in (image_path, label_path) if not p.is_file()]
+            if missing:
+                problems += [f"{p}: file missing ({split})" for p in missing]
+                continue
+            loaded = [_load_or_report(p, problems) for p in (image_path, label_path)]
+            if None in loaded:
+                continue
+            image, label = loaded
+            label_data = np.asanyarray(label.dataobj)
+            image_shape, label_shape = _shape3(image.shape), _shape3(label.shape)
+            if image_shape is None:
+                problems.append(f"{image_path}: not a 3D image (shape {image.shape})")
+            if label_shape is None:
+                problems.append(f"{label_path}: not a 3D label (shape {label.shape})")
+            if image_shape and label_shape and image_shape != label_shape:
+                problems.append(f"{label_path}: shape {label.shape} differs from its image {image.shape}")
+            elif not np.allclose(image.affine, label.affine, atol=atol):
+                problems.append(f"{label_path}: affine differs from its image's (max diff "
+                                f"{np.abs(image.affine - label.affine).max():.3g} mm)")
+            values = np.unique(label_data)
+            bad = [v for v in values.tolist() if v not in label_values]
+            if bad:
+                problems.append(f"{label_path}: label values {bad[:5]} outside the expected {list(label_values)}")
+            if split == "training" and np.any(label_data > 0):
+                positives += 1
+    if datalist.get("training") and positives == 0 and not problems:
+        problems.append("training set: no case has any infection voxel; nothing to learn")
+    if problems:
+        raise DataCheckError("\n".join(problems))
+
+
+def _load_or_report(path: Path, problems: list[str]) -> nib.Nifti1Image | None:
+    """Load a NIfTI header and data proxy, or record why it cannot be read."""
+    try:
+        image = nib.load(str(path))
+        np.asanyarray(image.dataobj)  # reads the voxels: a truncated or corrupt file fails here, not mid-training
+        return image
+    except Exception as exc:  # noqa: BLE001 - collected and reported with the file name
+        problems.append(f"{path}: cannot be read ({' '.join(str(exc).split())[:200]})")
+        return None
+
+
+def _shape3(shape: Sequence[int]) -> tuple[int, ...] | None:
+    """The 3D shape, allowing trailing singleton dimensions; ``None`` when the image is not 3D."""
+    if len(shape) < 3 or any(int(s) != 1 for s in shape[3:]):
+        return None
+    return tuple(int(s) for s in shape[:3])
+
+
+def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a datalist JSON atomically."""
+    atomic_write_text(path, json.dumps(datalist, indent=2) + "\n")

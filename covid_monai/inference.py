@@ -1,0 +1,549 @@
+"""Batch inference over many scans: discovery, the model loaded once, streaming, atomic outputs, a summary.
+
+The pipeline itself (pre-processing, inferer, post-processing) comes from the bundle's ``inference.json`` through
+:mod:`covid_monai.bundle`; this module only feeds it cases, writes what it returns and keeps the books.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.utils import set_determinism
+
+from covid_monai.bundle import load_config
+from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
+from covid_monai.quantify import quantify_case
+
+__all__ = [
+    "SUMMARY_FIELDS",
+    "BatchSegmenter",
+    "Case",
+    "CaseResult",
+    "discover_cases",
+    "output_paths",
+    "resolve_device",
+]
+
+logger = logging.getLogger("covid_monai.inference")
+
+SUMMARY_FIELDS = (
+    "case",
+    "input",
+    "status",
+    "error",
+    "warnings",
+    "shape",
+    "spacing",
+    "infection_ml",
+    "lung_left_ml",
+    "lung_right_ml",
+    "lung_ml",
+    "pct_left",
+    "pct_right",
+    "pct_lungs",
+    "lesions",
+    "seconds",
+)
+
+
+@dataclass
+class Case:
+    """One scan to segment.
+
+    Attributes:
+        name: output stem, unique within a run and safe as a file name.
+        source: the NIfTI file or the DICOM folder it came from.
+        kind: ``"nifti"`` or ``"dicom"``.
+        files: the DICOM files of the series (for folders holding several series), else ``None``.
+    """
+
+    name: str
+    source: Path
+    kind: str
+    files: list[str] | None = None
+
+
+@dataclass
+class CaseResult:
+    """A summary row: what happened to one case and its numbers."""
+
+    case: str
+    input: str
+    status: str
+    error: str = ""
+    warnings: str = ""
+    shape: str = ""
+    spacing: str = ""
+    infection_ml: float | None = None
+    lung_left_ml: float | None = None
+    lung_right_ml: float | None = None
+    lung_ml: float | None = None
+    pct_left: float | None = None
+    pct_right: float | None = None
+    pct_lungs: float | None = None
+    lesions: int | None = None
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        """The summary fields as a plain dict (for CSV and JSON)."""
+        values = asdict(self)
+        return {key: values[key] for key in SUMMARY_FIELDS}
+
+
+def _safe_name(name: str) -> str:
+    """File-name-safe case name: no separators, no leading dots, only ``[A-Za-z0-9._-]``."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+    return name[:120]
+
+
+def discover_cases(inputs: Iterable[str | os.PathLike]) -> tuple[list[Case], list[CaseResult]]:
+    """Turn input paths into cases: NIfTI files, folders searched recursively, DICOM series folders.
+
+    A folder holding one DICOM series gives one case named after the folder; several series give one case per
+    series, named after the folder plus the series description or number. Names are made file-name safe and
+    unique (``name``, ``name_2``, ...), so two inputs never write the same output.
+
+    Args:
+        inputs: files and folders, in the order given.
+
+    Returns:
+        ``(cases, failures)``: the cases found, and a failed result for each input that does not exist.
+
+    Example:
+        >>> cases, failures = discover_cases(["scans/", "extra/case_7.nii.gz"])
+    """
+    found: list[tuple[str, Path, str, list[str] | None]] = []
+    failures: list[CaseResult] = []
+    seen_sources: set[tuple[str, str]] = set()
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            failures.append(CaseResult(_safe_name(nifti_stem(path)), str(path), "failed", "no such file or folder"))
+            continue
+        if path.is_file():
+            entries = [(nifti_stem(path), path, "nifti", None)]
+        else:
+            entries = _scan_folder(path)
+            if not entries:
+                failures.append(
+                    CaseResult(_safe_name(path.name), str(path), "failed", "no NIfTI file or DICOM series in folder")
+                )
+        for entry in entries:
+            key = (str(entry[1].resolve()), entry[3][0] if entry[3] else "")
+            if key not in seen_sources:
+                seen_sources.add(key)
+                found.append(entry)
+    cases: list[Case] = []
+    used: set[str] = {f.case for f in failures}
+    for stem, source, kind, files in found:
+        base = _safe_name(stem)
+        name, k = base, 1
+        while name.lower() in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name.lower())
+        cases.append(Case(name, source, kind, files))
+    return cases, failures
+
+
+def _scan_folder(folder: Path) -> list[tuple[str, Path, str, list[str] | None]]:
+    entries: list[tuple[str, Path, str, list[str] | None]] = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs.sort()
+        here = Path(directory)
+        others = []
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if is_nifti(name):
+                entries.append((nifti_stem(name), here / name, "nifti", None))
+            else:
+                others.append(name)
+        if others:
+            series = list_dicom_series(here)
+            if len(series) == 1:
+                entries.append((here.name, here, "dicom", None))
+            for _uid, series_files, label in series if len(series) > 1 else []:
+                entries.append((f"{here.name}_{label}", here, "dicom", series_files))
+    return entries
+
+
+def output_paths(out_dir: str | os.PathLike, case: str) -> dict[str, Path]:
+    """The files a case may produce in ``out_dir``, by kind."""
+    out = Path(out_dir)
+    return {
+        "infection": out / f"{case}_infection.nii.gz",
+        "probability": out / f"{case}_probability.nii.gz",
+        "lungs": out / f"{case}_lungs.nii.gz",
+        "preview": out / f"{case}_preview.png",
+    }
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU if there is one, else the CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ValueError: for an unknown name or a CUDA device that is not there.
+    """
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(f"device {name} is not available on this machine")
+    return device
+
+
+class _CaseDataset(torch.utils.data.Dataset):
+    """Runs the bundle's pre-processing per case in DataLoader workers; errors become data, not exceptions."""
+
+    def __init__(self, cases: Sequence[Case], preprocessing: Callable, debug: bool = False) -> None:
+        self.cases = list(cases)
+        self.preprocessing = preprocessing
+        self.debug = debug
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
+        with tempfile.TemporaryDirectory(prefix="covid_monai_series_") as series_dir:
+            source = str(case.source)
+            if case.files:  # one series of a folder that holds several: give ITK a folder with just that series
+                for i, f in enumerate(case.files):
+                    os.symlink(f, os.path.join(series_dir, f"{i:05d}_{Path(f).name}"))
+                source = series_dir
+            try:
+                data = self.preprocessing({"image": source})
+            except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
+                return {"case": case, "error": _one_line(exc), "trace": traceback.format_exc() if self.debug else ""}
+        return {"case": case, "data": data}
+
+
+def _one_line(exc: BaseException) -> str:
+    """The innermost meaningful message of an exception chain, on one line."""
+    messages = []
+    while exc is not None:
+        text = " ".join(str(exc).split())
+        if text:
+            messages.append(text)
+        exc = exc.__cause__ or exc.__context__
+    # MONAI wraps errors as "applying transform <...>"; the root cause says what is wrong with the file.
+    useful = [m for m in messages if not m.startswith("applying transform")]
+    message = (useful[-1] if useful else (messages[-1] if messages else "unknown error"))[:300]
+    return message
+
+
+class BatchSegmenter:
+    """Segment many scans with one model load.
+
+    Args:
+        bundle_dir: a trained bundle folder (``configs/`` and ``models/model.pt``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        overrides: bundle config overrides (knobs such as ``threshold`` or ``min_lesion_ml``).
+        num_workers: DataLoader workers reading and pre-processing the next scans while the network runs.
+        save_probabilities: also write ``<case>_probability.nii.gz`` (float32).
+        save_lungs: also write ``<case>_lungs.nii.gz`` (1 left, 2 right).
+
+    Example:
+        >>> segmenter = BatchSegmenter("demo_output/bundle", device="cpu")
+        >>> results = segmenter.run(cases, "masks/")
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        device: str = "auto",
+        overrides: Mapping[str, Any] | None = None,
+        num_workers: int = 1,
+        save_probabilities: bool = False,
+        save_lungs: bool = False,
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.save_probabilities = save_probabilities
+        self.save_lungs = save_lungs
+        self.device = resolve_device(device)
+        self.num_workers = num_workers
+        knobs = dict(overrides or {})
+        knobs["device"] = f"$torch.device('{self.device}')"
+        knobs["keep_probability"] = save_probabilities
+        self.parser = load_config(self.bundle_dir, ["inference.json"], knobs)
+        ckpt = Path(self.parser.get_parsed_content("ckpt_path"))
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{self.bundle_dir}: no trained weights at {ckpt}")
+        self.network = self.parser.get_parsed_content("network")
+        self.network.load_state_dict(_load_state_dict(ckpt, self.device))
+        self.network.eval()
+        self.preprocessing = self.parser.get_parsed_content("preprocessing")
+        self.inferer = self.parser.get_parsed_content("inferer")
+        from monai.transforms import Compose
+
+        self.postprocessing = Compose(self.parser.get_parsed_content("postprocessing_transforms"))
+        self.amp = bool(self.parser.get_parsed_content("amp")) and self.device.type == "cuda"
+
+    def predict(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Run the network over one pre-processed case and its post-processing (back to the input's space).
+
+        Args:
+            data: the output of the bundle's pre-processing for one case.
+
+        Returns:
+            ``data`` with ``pred`` (uint8 mask, ``(1, X, Y, Z)`` in the input's voxel grid), and ``lungs`` and
+            ``probability`` when the bundle computes them.
+        """
+        image = data["image"]
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
+            logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
+        data["pred"] = logits[0].float().cpu()
+        return self.postprocessing(data)
+
+    def run(
+        self,
+        cases: Sequence[Case],
+        out_dir: str | os.PathLike,
+        overwrite: bool = False,
+        previous: Sequence[CaseResult] = (),
+        progress: bool = True,
+        debug: bool = False,
+        on_result: Callable[[CaseResult], None] | None = None,
+    ) -> list[CaseResult]:
+        """Segment ``cases`` into ``out_dir``; finished cases are skipped unless ``overwrite``.
+
+        Args:
+            cases: from :func:`discover_cases`.
+            out_dir: output folder (created).
+            overwrite: redo cases whose outputs exist.
+            previous: results of an earlier run (their numbers are kept for skipped cases).
+            progress: show a tqdm progress bar.
+            debug: keep tracebacks in the results (``extra["trace"]``).
+            on_result: called after each case (the caller rewrites the summary, so a crash loses nothing).
+
+        Returns:
+            One result per case, in order.
+        """
+        from tqdm import tqdm
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        wanted = ["infection"] + ["probability"] * self.save_probabilities + ["lungs"] * self.save_lungs
+        before = {r.case: r for r in previous}
+        results: dict[str, CaseResult] = {}
+        todo = []
+        for case in cases:
+            paths = output_paths(out, case.name)
+            if not overwrite and all(paths[k].is_file() for k in wanted):
+                results[case.name] = _skipped(case, before.get(case.name), paths["infection"])
+                if on_result:
+                    on_result(results[case.name])
+            else:
+                todo.append(case)
+        set_determinism(seed=0)
+        loader = torch.utils.data.DataLoader(
+            _CaseDataset(todo, self.preprocessing, debug),
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers if len(todo) > 1 else 0,
+            prefetch_factor=1 if self.num_workers and len(todo) > 1 else None,
+            persistent_workers=False,
+        )
+        bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="scan", disable=not progress)
+        start = time.perf_counter()
+        for item in loader:
+            case: Case = item["case"]
+            if "error" in item:
+                result = CaseResult(case.name, str(case.source), "failed", item["error"])
+                result.extra["trace"] = item.get("trace", "")
+            else:
+                result = self._segment_one(case, item["data"], out, debug)
+            result.seconds = round(time.perf_counter() - start, 3)
+            start = time.perf_counter()
+            results[case.name] = result
+            if result.status == "failed":
+                bar.write(f"FAILED {case.source}: {result.error}")
+            if on_result:
+                on_result(result)
+            bar.update(1)
+        bar.close()
+        return [results[c.name] for c in cases]
+
+    def _segment_one(self, case: Case, data: dict[str, Any], out: Path, debug: bool) -> CaseResult:
+        result = CaseResult(case.name, str(case.source), "ok")
+        try:
+            data = self.predict(data)
+            pred = data["pred"]
+            affine = np.asarray(pred.affine, dtype=np.float64)
+            mask = np.asarray(pred[0]).astype(np.uint8)
+            lungs = np.asarray(data["lungs"][0]).astype(np.uint8) if "lungs" in data else None
+            reference = case.source if case.kind == "nifti" else None
+            paths = output_paths(out, case.name)
+            if self.save_probabilities and "probability" in data:
+                probability = np.asarray(data["probability"][0], dtype=np.float32)
+                save_nifti_like(probability, paths["probability"], affine, reference, dtype=np.float32)
+            if self.save_lungs and lungs is not None:
+                save_nifti_like(lungs, paths["lungs"], affine, reference)
+            save_nifti_like(mask, paths["infection"], affine, reference)  # last: its presence marks a done case
+            result.shape = "x".join(str(s) for s in mask.shape)
+            result.spacing = "x".join(f"{s:.4g}" for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+            _fill_numbers(result, quantify_case(mask, affine, lungs))
+        except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
+            result.status, result.error = "failed", _one_line(exc)
+            if debug:
+                result.extra["trace"] = traceback.format_exc()
+        return result
+
+
+def _fill_numbers(result: CaseResult, numbers: Mapping[str, Any]) -> None:
+    for key in ("infection_ml", "lung_left_ml", "lung_right_ml", "lung_ml", "pct_left", "pct_right", "pct_lungs"):
+        value = numbers.get(key)
+        setattr(result, key, None if value is None else round(float(value), 4))
+    result.lesions = int(numbers["lesions"])
+
+
+def _skipped(case: Case, before: CaseResult | None, mask_path: Path) -> CaseResult:
+    """A result for a case whose outputs exist: the earlier numbers if known, else counted from the mask."""
+    if before is not None and before.status in ("ok", "skipped"):
+        result = CaseResult(**{k: v for k, v in asdict(before).items() if k != "extra"})
+        result.status, result.input = "skipped", str(case.source)
+        return result
+    import nibabel as nib
+
+    result = CaseResult(case.name, str(case.source), "skipped")
+    image = nib.load(str(mask_path))
+    mask = np.asarray(image.dataobj).astype(np.uint8)
+    result.shape = "x".join(str(s) for s in mask.shape)
+    result.spacing = "x".join(f"{s:.4g}" for s in image.header.get_zooms()[:3])
+    _fill_numbers(result, quantify_case(mask, image.affine, None))
+    return result
+
+
+def read_summary(out_dir: str | os.PathLike) -> list[CaseResult]:
+    """Results of an earlier run from ``out_dir/summary.json`` (empty when there is none or it is unreadable)."""
+    path = Path(out_dir) / "summary.json"
+    try:
+        rows = json.loads(path.read_text())["cases"]
+        return [CaseResult(**{k: row.get(k) for k in SUMMARY_FIELDS}) for row in rows]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def write_summary(out_dir: str | os.PathLike, results: Sequence[CaseResult], meta: Mapping[str, Any]) -> None:
+    """Write ``summary.csv`` and ``summary.json`` atomically (one row per case; JSON adds run information)."""
+    rows = [r.row() for r in results]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    atomic_write_text(Path(out_dir) / "summary.csv", buffer.getvalue())
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    document = {**meta, "counts": counts, "cases": rows}
+    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(document, indent=2) + "\n")
+
+
+def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model weights from a checkpoint, loaded with ``weights_only=True`` (no code runs from the file)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a loadable weights-only checkpoint ({_one_line(exc)})") from exc
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: checkpoint holds {type(state).__name__}, not a state dict")
+    return dict(state)
+
+
+def check_output_folder(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], force: bool = False) -> None:
+    """Refuse an output folder that is an input folder or lies inside one (unless ``force``).
+
+    Raises:
+        ValueError: naming the input folder the output would write into.
+    """
+    out = Path(out_dir).resolve()
+    for raw in inputs:
+        path = Path(raw).resolve()
+        folder = path if path.is_dir() else path.parent
+        if not force and (out == folder or folder in out.parents):
+            if path.is_dir() or out == folder:
+                raise ValueError(
+                    f"output folder {out_dir} is inside the input folder {folder}; choose another or pass --force"
+                )
+
+
+def run_batch(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    bundle_dir: str | os.PathLike,
+    knobs: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    workers: int = 1,
+    save_probabilities: bool = False,
+    save_lungs: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    debug: bool = False,
+) -> list[CaseResult]:
+    """Discover cases, segment them with one model load, and keep ``summary.csv``/``summary.json`` up to date.
+
+    The summary is rewritten atomically after every case, so an interrupted run leaves a summary of what was
+    done, and the next run skips finished cases (unless ``overwrite``).
+
+    Args:
+        inputs: NIfTI files, folders (searched recursively), DICOM series folders.
+        out_dir: output folder; refused when inside an input folder unless ``force``.
+        bundle_dir: trained bundle folder.
+        knobs: bundle config overrides (``threshold``, ``min_lesion_ml``, ``restrict_to_lungs``...).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        workers: DataLoader workers pre-processing the next scans while the network runs.
+        save_probabilities: also write probability maps.
+        save_lungs: also write lung masks.
+        overwrite: redo finished cases.
+        force: allow an output folder inside an input folder.
+        progress: show a progress bar.
+        debug: keep tracebacks of failures (printed to stderr).
+
+    Returns:
+        One result per case (failed inputs included).
+
+    Example:
+        >>> results = run_batch(["scans/"], "masks/", "demo_output/bundle", device="cpu")
+    """
+    check_output_folder(out_dir, inputs, force)
+    cases, failures = discover_cases(inputs)
+    segmenter = BatchSegmenter(bundle_dir, device, knobs, workers, save_probabilities, save_lungs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = read_summary(out)
+    done: dict[str, CaseResult] = {f.case: f for f in failures}
+    meta = {"bundle": str(Path(bundle_dir).resolve()), "device": str(segmenter.device), "knobs": dict(knobs or {})}
+
+    def record(result: CaseResult) -> None:
+        done[result.case] = result
+        if debug and result.extra.get("trace"):
+            print(result.extra["trace"], file=sys.stderr)
+        write_summary(out, [done[c.case] for c in failures] + [done[c.name] for c in cases if c.name in done], meta)
+
+    write_summary(out, failures, meta)
+    results = segmenter.run(cases, out, overwrite=overwrite, previous=previous, progress=progress,
+                            debug=debug, on_result=record)
+    return failures + results

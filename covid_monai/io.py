@@ -1,0 +1,168 @@
+"""File input/output: atomic writes, masks saved in the input's own geometry, DICOM series listing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "atomic_path",
+    "atomic_write_text",
+    "is_nifti",
+    "list_dicom_series",
+    "nifti_stem",
+    "save_nifti_like",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``, any case)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without ``.nii``/``.nii.gz``.
+
+    Example:
+        >>> nifti_stem("/data/case_01.nii.gz")
+        'case_01'
+    """
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on failure removed.
+
+    The temporary name keeps the final suffix (writers choose the format from it) and starts with a dot, so a
+    crash never leaves a file under the final name that is not complete.
+
+    Args:
+        path: the final file.
+
+    Example:
+        >>> with atomic_path("out/mask.nii.gz") as tmp:
+        ...     nib.save(image, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temporary file in the same folder, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_nifti_like(
+    array: np.ndarray,
+    path: str | os.PathLike,
+    affine: np.ndarray,
+    reference: str | os.PathLike | None = None,
+    dtype: type = np.uint8,
+) -> None:
+    """Save ``array`` as NIfTI atomically, in the geometry of the input scan.
+
+    With a NIfTI ``reference`` the reference header is reused, so qform, sform and their codes are exactly those
+    of the input (3D Slicer overlays the mask on the scan voxel for voxel); scaling is reset and the data type
+    set to ``dtype``. Without one (DICOM input) ``affine`` is written as both qform and sform (scanner code).
+
+    Args:
+        array: voxels in the input's storage order, shape ``(X, Y, Z)``.
+        path: output file (``.nii.gz`` is compressed).
+        affine: the input's voxel-to-RAS affine (used when there is no NIfTI reference).
+        reference: the input NIfTI file, or ``None``.
+        dtype: stored data type (``uint8`` masks, ``float32`` probabilities).
+
+    Example:
+        >>> save_nifti_like(mask, "out/case_infection.nii.gz", affine, reference="scans/case.nii.gz")
+    """
+    data = np.asarray(array).astype(dtype, copy=False)
+    if reference is not None and is_nifti(reference):
+        ref = nib.load(str(reference))
+        header = ref.header.copy()
+        if data.shape != ref.shape[: data.ndim] or any(int(s) != 1 for s in ref.shape[data.ndim :]):
+            raise ValueError(f"{path}: array shape {data.shape} does not match the input {reference} {ref.shape}")
+        header.set_data_shape(data.shape)
+        image = nib.Nifti1Image(data, None, header=header)
+        image.header.set_data_dtype(dtype)
+        image.header.set_slope_inter(1.0, 0.0)
+        image.header["cal_min"] = 0
+        image.header["cal_max"] = 0
+    else:
+        image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+        image.header.set_data_dtype(dtype)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str], str]]:
+    """The DICOM series directly inside ``folder``, read with ITK (GDCM).
+
+    Args:
+        folder: a folder that may hold DICOM files.
+
+    Returns:
+        ``[(series_uid, sorted_file_names, label)]`` where ``label`` is the series description or number (for
+        naming cases when a folder holds several series); empty when there is no DICOM series.
+    """
+    import itk
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.SetDirectory(str(folder))
+    series = []
+    for uid in names.GetSeriesUIDs():
+        files = [str(f) for f in names.GetFileNames(uid)]
+        if files:
+            series.append((str(uid), files, _series_label(files[0], str(uid))))
+    return series
+
+
+def _series_label(first_file: str, uid: str) -> str:
+    """Series description (0008,103E), else series number (0020,0011), else the UID's tail."""
+    import itk
+
+    try:
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(first_file)
+        io.ReadImageInformation()
+        tags = io.GetMetaDataDictionary()
+        for tag in ("0008|103e", "0020|0011"):
+            if tags.HasKey(tag):
+                value = str(tags[tag]).strip()
+                if value:
+                    return value
+    except Exception:  # noqa: BLE001 - a label is cosmetic; the UID always works
+        pass
+    return uid.rsplit(".", 1)[-1]

@@ -1,0 +1,70 @@
+"""Network factory used by the bundle configs.
+
+The default is the seed study's 2D U-Net, rebuilt from MONAI's :class:`~monai.networks.nets.BasicUNet`:
+two 3×3 convolutions with ReLU per level, 2×2 max-pooling, 32-64-128-256-512 features, 2×2 transposed
+convolutions for up-sampling, skip concatenation and a final 1×1 convolution. The network returns logits;
+the sigmoid is applied by the loss (``sigmoid=True``) and by the post-processing transforms.
+"""
+
+from __future__ import annotations
+
+from monai.networks.nets import BasicUNet
+
+__all__ = ["seed_unet", "unet_features"]
+
+
+def unet_features(width: int = 32) -> tuple[int, int, int, int, int, int]:
+    """Feature sizes of the five U-Net levels plus the last up-sampling, doubling from ``width``.
+
+    Args:
+        width: features of the first level (the seed uses 32).
+
+    Returns:
+        ``(w, 2w, 4w, 8w, 16w, w)`` as expected by ``BasicUNet(features=...)``.
+
+    Example:
+        >>> unet_features(16)
+        (16, 32, 64, 128, 256, 16)
+    """
+    if width < 1:
+        raise ValueError(f"U-Net width must be a positive integer, got {width}")
+    return (width, 2 * width, 4 * width, 8 * width, 16 * width, width)
+
+
+def seed_unet(
+    in_channels: int = 1,
+    out_channels: int = 1,
+    width: int = 32,
+    norm: str | tuple | None = None,
+    dropout: float = 0.0,
+) -> BasicUNet:
+    """The seed study's 2D U-Net as a MONAI ``BasicUNet``.
+
+    Args:
+        in_channels: input channels (1 for a single CT slice; 2k+1 for a 2.5D stack of neighbours).
+        out_channels: output channels (1: infection logit).
+        width: features of the first level; deeper levels double it (seed: 32 → 32-64-128-256-512).
+        norm: normalisation after each convolution: ``None`` as in the seed, or a MONAI norm name such as
+            ``"batch"`` or ``"instance"`` (faster, steadier convergence on small data).
+        dropout: dropout ratio in every convolution block.
+
+    Returns:
+        A 2D network mapping ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, W)``;
+        ``H`` and ``W`` must be multiples of 16 (four 2×2 poolings).
+
+    Example:
+        >>> import torch
+        >>> seed_unet(width=8)(torch.zeros(2, 1, 64, 64)).shape
+        torch.Size([2, 1, 64, 64])
+    """
+    return BasicUNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        features=unet_features(width),
+        act=("relu", {"inplace": True}),
+        norm=norm,  # type: ignore[arg-type]  # None: no normalisation (ADN skips it)
+        bias=True,
+        dropout=dropout,
+        upsample="deconv",
+    )
