@@ -1,7 +1,7 @@
 """Synthetic chest-CT phantoms with COVID-19-like lesions, for the demo and the tests.
 
-A phantom is built in a canonical RAS grid (array axis 0 towards patient left, axis 1 towards anterior, axis 2
-towards superior), with the anatomy placed in millimetres in-plane and scaled along z to the stored field of view,
+A phantom is built in a canonical RAS grid (array axis 0 towards the patient's right, axis 1 towards anterior, axis
+2 towards superior), with the anatomy placed in millimetres in-plane and scaled along z to the stored field of view,
 so that every phantom shows the chest from the lower neck to the upper abdomen whatever its slice count. It is then
 stored in the requested orientation by flipping/permuting the array axes and adjusting the affine, so the world
 (RAS, NIfTI convention) position of every anatomical point is the same in every storage orientation.
@@ -317,7 +317,7 @@ def _airway(an: _Anatomy, X: np.ndarray, Y: np.ndarray, T: np.ndarray, margin: f
 
 
 def _lung_labels(an: _Anatomy, X: np.ndarray, Y: np.ndarray, T: np.ndarray, depth: np.ndarray) -> np.ndarray:
-    """Lung labels (1 left, +x; 2 right, -x) at the broadcast points, lesions included."""
+    """Lung labels (1 left, 2 right) at the broadcast points, lesions included; drawn with +x towards the left."""
     cavity = depth >= an.wall_d
     taper = np.clip((T - an.taper_t) / (an.apex_t - an.taper_t), 0.0, None)
     apex = np.sqrt(np.clip(1.0 - taper * taper, 0.0, None))
@@ -650,9 +650,9 @@ def make_phantom(
     The anatomy is built in a canonical RAS grid and stored in ``orientation``: the arrays are flipped/permuted and
     the affine adjusted, so that the world (RAS) position of every anatomical point does not depend on the storage
     orientation. ``"oblique"`` stores the RAS arrays with an affine rotated by 5-15 degrees about z and 1-4 degrees
-    about x (about the volume centre). Patient left is world +x, anterior +y, superior +z; lung label 1 (left) is
-    always the lung on the world +x side. The result is a function of (stored shape, spacing, seed, orientation,
-    origin) only.
+    about x (about the volume centre). World RAS: the patient's right is +x, anterior +y, superior +z; lung
+    label 1 (left) is always the lung on the world -x side. The result is a function of (stored shape, spacing,
+    seed, orientation, origin) only.
 
     Args:
         shape: stored array shape (X, Y, Z); in-plane sizes >= 16, slices >= 4.
@@ -711,6 +711,9 @@ def make_phantom(
     vessels = _vessel_indices(an, rng_vessel)
     specs = _draw_lesions(an, rng_lesion)
     image, lungs, infection, tissue = _render_volume(an, rng_noise, vessels, specs)
+    # the anatomy is drawn with array axis 0 towards the patient's left; RAS world x grows towards the patient's
+    # right (NIfTI, nibabel, MONAI, 3D Slicer), so mirror axis 0 to put the canonical grid in RAS
+    image, lungs, infection, tissue = (np.ascontiguousarray(a[::-1]) for a in (image, lungs, infection, tissue))
 
     # storage
     to_canon = nio.inv_ornt_aff(ornt, canon)  # stored voxel -> canonical voxel
@@ -735,7 +738,8 @@ def make_phantom(
     to_stored = np.linalg.inv(to_canon)
     lesions = []
     for spec in specs:
-        v = to_stored @ np.array([*spec.centers[0], 1.0])
+        centre_canon = (canon[0] - 1 - spec.centers[0][0], spec.centers[0][1], spec.centers[0][2])
+        v = to_stored @ np.array([*centre_canon, 1.0])
         w = affine @ v
         lesions.append(
             Lesion(spec.kind, round(spec.hu, 1), spec.side, spec.radius, tuple(v[:3].tolist()), tuple(w[:3].tolist()))

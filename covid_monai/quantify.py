@@ -1,0 +1,113 @@
+"""Per-case numbers from masks: infected volume, lesion count, lung volumes and % of lung involved.
+
+Volumes come from the voxel volume |det(affine[:3, :3])| (mm³) / 1000, so they are right for any storage orientation,
+anisotropic or oblique voxels, as long as ``affine`` is the masks' voxel-to-world affine in mm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG
+
+__all__ = ["quantify_case", "voxel_volume_ml"]
+
+
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in mL: |det(affine[:3, :3])| mm³ / 1000.
+
+    Args:
+        affine: 4x4 (or 3x3) voxel-to-world affine in mm.
+
+    Returns:
+        The voxel volume in millilitres.
+
+    Example:
+        >>> voxel_volume_ml(np.diag([0.5, 0.5, 2.0, 1.0]))
+        0.0005
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape not in ((4, 4), (3, 3)):
+        raise ValueError(f"affine must be 4x4 or 3x3, got {affine.shape}.")
+    return float(abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+
+
+def _squeeze_channel(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be a 3D volume (or (1, X, Y, Z)), got shape {array.shape}.")
+    return array
+
+
+def quantify_case(
+    infection: np.ndarray, affine: np.ndarray, lungs: np.ndarray | None = None
+) -> dict[str, float | int | None]:
+    """Infected volume, lesion count, lung volumes and percentage of lung involved for one case.
+
+    What is counted:
+
+    * ``voxel_ml``: volume of one voxel (mL), |det(affine[:3, :3])| / 1000;
+    * ``infection_ml``: all voxels with ``infection > 0`` (inside the lungs or not) times ``voxel_ml``;
+    * ``lesions``: number of 3D connected components of ``infection > 0`` with 26-connectivity (voxels touching by a
+      face, an edge or a corner are one lesion); no size filter (remove small components before, e.g. with MONAI's
+      ``RemoveSmallObjectsd``);
+    * ``lung_left_ml`` / ``lung_right_ml``: voxels labelled 1 (left lung) / 2 (right lung) in ``lungs``, the
+      COVID-19-CT-Seg convention written by :func:`covid_monai.transforms.lung_mask_from_hu`;
+      ``lung_ml``: all voxels with ``lungs > 0`` (so a binary 0/1 lung mask counts as "left" plus total);
+    * ``pct_left`` / ``pct_right`` / ``pct_lungs``: infected voxels inside that lung (both lungs) divided by the
+      voxels of that lung (both lungs), times 100. Infection outside the lung mask is not in the percentages.
+
+    Lung volumes are ``None`` when ``lungs`` is ``None``; a percentage is ``None`` when ``lungs`` is ``None`` or that
+    lung has no voxel (never NaN).
+
+    Args:
+        infection: infection mask, 3D (or channel-first ``(1, X, Y, Z)``); any value > 0 is infection.
+        affine: 4x4 voxel-to-world affine (mm) of the masks.
+        lungs: optional lung mask of the same shape: 0 background, 1 left lung, 2 right lung.
+
+    Returns:
+        dict with keys ``voxel_ml``, ``infection_ml``, ``lesions``, ``lung_left_ml``, ``lung_right_ml``, ``lung_ml``,
+        ``pct_left``, ``pct_right``, ``pct_lungs`` (floats, an int for ``lesions``, or ``None`` as above).
+
+    Example:
+        >>> inf = np.zeros((10, 10, 10), np.uint8); inf[2:4, 2:4, 2:4] = 1
+        >>> lungs = np.zeros_like(inf); lungs[:5] = 1; lungs[5:] = 2
+        >>> q = quantify_case(inf, np.diag([2.0, 2.0, 2.0, 1.0]), lungs)
+        >>> round(q["infection_ml"], 6), q["lesions"], q["pct_left"], q["pct_right"]
+        (0.064, 1, 1.6, 0.0)
+    """
+    inf = _squeeze_channel(infection, "infection") > 0
+    voxel_ml = voxel_volume_ml(affine)
+    _, lesions = ndimage.label(inf, structure=np.ones((3, 3, 3), dtype=bool))
+    n_inf = int(np.count_nonzero(inf))
+    result: dict[str, float | int | None] = {
+        "voxel_ml": voxel_ml,
+        "infection_ml": n_inf * voxel_ml,
+        "lesions": int(lesions),
+        "lung_left_ml": None,
+        "lung_right_ml": None,
+        "lung_ml": None,
+        "pct_left": None,
+        "pct_right": None,
+        "pct_lungs": None,
+    }
+    if lungs is None:
+        return result
+    lung = _squeeze_channel(lungs, "lungs")
+    if lung.shape != inf.shape:
+        raise ValueError(f"lungs shape {lung.shape} differs from infection shape {inf.shape}.")
+
+    def pct(region: np.ndarray) -> tuple[int, float | None]:
+        n = int(np.count_nonzero(region))
+        return n, (float(100.0 * np.count_nonzero(inf & region) / n) if n else None)
+
+    n_left, result["pct_left"] = pct(lung == LEFT_LUNG)
+    n_right, result["pct_right"] = pct(lung == RIGHT_LUNG)
+    n_all, result["pct_lungs"] = pct(lung > 0)
+    result["lung_left_ml"] = n_left * voxel_ml
+    result["lung_right_ml"] = n_right * voxel_ml
+    result["lung_ml"] = n_all * voxel_ml
+    return result

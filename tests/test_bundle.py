@@ -1,0 +1,145 @@
+"""Every bundle config runs on tiny phantoms through overrides, the way the Model Zoo tests its bundles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from covid_monai.bundle import TEMPLATE_BUNDLE, create_bundle, load_config, read_knobs, validate_override_value
+from covid_monai.train import train_bundle
+from tests.conftest import TINY_KNOBS
+
+CONFIGS = TEMPLATE_BUNDLE / "configs"
+
+
+def _bundle_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, phantoms) -> Path:
+    """A tiny bundle trained for one epoch on the phantoms."""
+    out = tmp_path_factory.mktemp("trained") / "bundle"
+    train_bundle(phantoms, out, TINY_KNOBS, device="cpu", val_fraction=0.25)
+    return out
+
+
+def test_train_writes_best_and_latest_checkpoints(trained):
+    best = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    latest = torch.load(trained / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    assert set(latest) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert latest["trainer"]["iteration"] == latest["trainer"]["epoch_length"]  # one epoch done
+    assert set(best) == set(latest["model"])
+    network = load_config(trained, ["inference.json"], {"device": "cpu"}).get_parsed_content("network_def")
+    network.load_state_dict(best)  # the trained bundle's inference config rebuilds the trained network
+    assert read_knobs(trained)["network_width"] == TINY_KNOBS["network_width"]
+
+
+def test_resume_continues_to_configured_epochs(tmp_path, phantoms):
+    out = tmp_path / "bundle"
+    train_bundle(phantoms, out, TINY_KNOBS, device="cpu", val_fraction=0.25)
+    first = torch.load(out / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    # resuming a finished run trains nothing more: a silent fresh start would change the weights
+    train_bundle(phantoms, out, TINY_KNOBS, device="cpu", resume=True)
+    same = torch.load(out / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(first["model"][k], same["model"][k]) for k in first["model"])
+    train_bundle(phantoms, out, {**TINY_KNOBS, "epochs": 2}, device="cpu", resume=True)
+    second = torch.load(out / "models" / "latest.pt", map_location="cpu", weights_only=True)["trainer"]
+    assert first["trainer"]["iteration"] == first["trainer"]["epoch_length"]
+    assert second["iteration"] == 2 * first["trainer"]["iteration"]  # exactly one more epoch
+    assert second["max_epochs"] == 2
+
+
+def test_resume_refuses_corrupt_checkpoint(tmp_path, phantoms):
+    out = tmp_path / "bundle"
+    train_bundle(phantoms, out, TINY_KNOBS, device="cpu", val_fraction=0.25)
+    (out / "models" / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="latest.pt: cannot resume"):
+        train_bundle(phantoms, out, {**TINY_KNOBS, "epochs": 2}, device="cpu", resume=True)
+
+
+def test_inference_config_runs_with_monai_bundle_cli(trained, phantoms, tmp_path):
+    out = tmp_path / "eval"
+    _bundle_cli(
+        "run",
+        "--config_file", "configs/inference.json",
+        "--bundle_root", str(trained),
+        "--dataset_dir", str(phantoms / "images"),
+        "--output_dir", str(out),
+        "--device", "cpu",
+        cwd=trained,
+    )
+    for image_path in sorted((phantoms / "images").glob("*.nii.gz")):
+        source = nib.load(str(image_path))
+        mask = nib.load(str(out / image_path.name.replace(".nii.gz", "_infection.nii.gz")))
+        assert mask.shape == source.shape and mask.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+
+
+def test_evaluate_config_writes_per_case_metrics(trained, tmp_path):
+    out = tmp_path / "metrics"
+    _bundle_cli(
+        "run",
+        "--config_file", "['configs/train.json','configs/evaluate.json']",
+        "--bundle_root", str(trained),
+        "--output_dir", str(out),
+        "--device", "cpu",
+        cwd=trained,
+    )
+    for metric in ("val_mean_dice", "val_mean_iou", "val_accuracy", "val_sensitivity", "val_specificity"):
+        raw = (out / f"{metric}_raw.csv").read_text().splitlines()
+        assert len(raw) == 2, raw  # header + the one validation case
+        summary = (out / f"{metric}_summary.csv").read_text()
+        assert "mean" in summary and "std" in summary
+    assert (out / "val_hd95_mm_raw.csv").is_file()
+    assert list(out.glob("*_infection.nii.gz"))
+
+
+def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
+    _bundle_cli(
+        "verify_net_in_out", "network_def",
+        "--meta_file", "configs/metadata.json",
+        "--config_file", "configs/inference.json",
+        "--device", "cpu",
+        "--n", "4",
+        cwd=trained,
+    )
+    exported = tmp_path / "model.ts"
+    _bundle_cli(
+        "ckpt_export", "network_def",
+        "--filepath", str(exported),
+        "--ckpt_file", "models/model.pt",
+        "--meta_file", "configs/metadata.json",
+        "--config_file", "configs/inference.json",
+        cwd=trained,
+    )
+    scripted = torch.jit.load(str(exported))
+    assert scripted(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_create_bundle_rejects_unknown_knobs_and_code(tmp_path):
+    with pytest.raises(KeyError, match="netwrok_width"):
+        create_bundle(tmp_path / "b", {"netwrok_width": 8})
+    with pytest.raises(ValueError, match="code or references"):
+        create_bundle(tmp_path / "c", {"epochs": "$__import__('os').system('true')"})
+    with pytest.raises(ValueError):
+        validate_override_value("pixdim", [1, "@network"])
+
+
+def test_knobs_shared_by_train_and_inference_agree():
+    train, infer = read_knobs(TEMPLATE_BUNDLE, "train.json"), read_knobs(TEMPLATE_BUNDLE, "inference.json")
+    shared = set(train) & set(infer)
+    assert {"pixdim", "hu_window", "network_width", "network_norm", "in_channels", "threshold"} <= shared
+    assert {k: train[k] for k in shared} == {k: infer[k] for k in shared}

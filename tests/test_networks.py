@@ -1,0 +1,35 @@
+"""The seed U-Net built from MONAI's BasicUNet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from covid_monai.networks import seed_unet, unet_features
+
+
+def test_seed_architecture():
+    net = seed_unet()
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    three = [c for c in convs if c.kernel_size == (3, 3)]
+    assert len(three) == 18  # two 3x3 convs on each of the 5 encoder and 4 decoder levels
+    assert sorted({c.out_channels for c in three}) == [32, 64, 128, 256, 512]
+    assert convs[-1].kernel_size == (1, 1) and convs[-1].out_channels == 1
+    ups = [m for m in net.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(ups) == 4 and all(u.kernel_size == (2, 2) and u.stride == (2, 2) for u in ups)
+    pools = [m for m in net.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 4
+    assert any(isinstance(m, nn.ReLU) for m in net.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def test_width_norm_and_shapes():
+    net = seed_unet(in_channels=3, width=8, norm="batch").eval()
+    assert unet_features(8) == (8, 16, 32, 64, 128, 8)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    with torch.no_grad():
+        assert net(torch.zeros(2, 3, 64, 96)).shape == (2, 1, 64, 96)
+        assert net(torch.zeros(1, 3, 50, 70)).shape == (1, 1, 50, 70)  # odd sizes are padded inside
+    with pytest.raises(ValueError):
+        unet_features(0)
