@@ -253,7 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback with --debug
         if debug:
             traceback.print_exc()
-        message = " ".join(str(exc).split("\n")[0].split()) if not str(exc).count("\n") else str(exc)
+        from covid_monai.datalist import DataCheckError
+        from covid_monai.errors import one_line
+
+        message = str(exc) if isinstance(exc, DataCheckError) else one_line(exc, limit=1000)
         print(f"covid-monai {args.command}: error: {message}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +40,8 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMetric, MeanIoU
 
+from covid_monai.io import atomic_path
+
 __all__ = [
     "METRICS",
     "SUMMARY_STATS",
@@ -48,6 +49,7 @@ __all__ = [
     "compute_case_metrics",
     "evaluate_folders",
     "format_table",
+    "write_metrics_tables",
 ]
 
 METRICS = ("dice", "iou", "accuracy", "sensitivity", "specificity", "hd95")
@@ -173,17 +175,10 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Write a CSV to a temporary file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def _fmt(value: Any) -> str:
@@ -283,17 +278,33 @@ def evaluate_folders(
 
     summary = _summarise(rows)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_csv_atomic(
-            out / "metrics.csv", ["case", *METRICS], [[_fmt(r[k]) for k in ("case", *METRICS)] for r in rows]
-        )
-        _write_csv_atomic(
-            out / "metrics_summary.csv",
-            ["statistic", *METRICS],
-            [[stat, *(_fmt(summary[stat][m]) for m in METRICS)] for stat in SUMMARY_STATS],
-        )
+        write_metrics_tables(rows, out_dir, summary)
     return rows, summary
+
+
+def write_metrics_tables(
+    rows: Sequence[dict], out_dir: str | os.PathLike, summary: dict[str, dict[str, float]] | None = None
+) -> dict[str, dict[str, float]]:
+    """Write ``metrics.csv`` (one row per case) and ``metrics_summary.csv`` (mean, std, median, min, max, n).
+
+    Args:
+        rows: per-case dicts with ``case`` and every metric of :data:`METRICS`.
+        out_dir: output folder (created); both files are written atomically.
+        summary: precomputed summary; computed from ``rows`` when omitted.
+
+    Returns:
+        ``summary[stat][metric]``.
+    """
+    summary = summary or _summarise(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv_atomic(out / "metrics.csv", ["case", *METRICS], [[_fmt(r[k]) for k in ("case", *METRICS)] for r in rows])
+    _write_csv_atomic(
+        out / "metrics_summary.csv",
+        ["statistic", *METRICS],
+        [[stat, *(_fmt(summary[stat][m]) for m in METRICS)] for stat in SUMMARY_STATS],
+    )
+    return summary
 
 
 def format_table(rows: Sequence[dict], summary: dict[str, dict[str, float]] | None = None) -> str:

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
 from covid_monai.io import atomic_path
 
-__all__ = ["LatestCheckpointSaver", "ResumeCheckpointLoader", "atomic_torch_save"]
+__all__ = [
+    "CaseMetricsSaver",
+    "LatestCheckpointSaver",
+    "ResumeCheckpointLoader",
+    "atomic_torch_save",
+    "check_resume_checkpoint",
+]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -94,18 +101,82 @@ class ResumeCheckpointLoader:
         """Check the file and load it when ``engine`` starts."""
         from monai.handlers import CheckpointLoader
 
-        if not self.load_path.is_file():
-            raise FileNotFoundError(f"{self.load_path}: cannot resume, the checkpoint does not exist")
-        try:
-            saved = torch.load(self.load_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            reason = " ".join(str(exc).split())[:200]
-            raise ValueError(f"{self.load_path}: cannot resume, unreadable or unsafe checkpoint ({reason})") from exc
-        wanted = set(self.load_dict) | {"trainer"}
-        missing = sorted(wanted - set(saved) if isinstance(saved, Mapping) else wanted)
-        if missing:
-            raise ValueError(f"{self.load_path}: cannot resume, the checkpoint lacks {', '.join(missing)}")
+        check_resume_checkpoint(self.load_path, self.load_dict)
         loader = CheckpointLoader(
             str(self.load_path), {**self.load_dict, "trainer": engine}, strict=True, map_location=self.map_location
         )
         loader.attach(engine)
+
+
+def check_resume_checkpoint(path: str | os.PathLike, names: Iterable[str]) -> None:
+    """Check that ``path`` is a safe, complete training checkpoint before resuming from it.
+
+    Args:
+        path: the checkpoint written by :class:`LatestCheckpointSaver`.
+        names: the objects it must hold besides ``trainer`` (e.g. ``model``, ``optimizer``, ``lr_scheduler``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is corrupt, not loadable with ``weights_only=True`` (it would run code), or lacks
+            one of the objects; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: cannot resume, the checkpoint does not exist")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: cannot resume, unreadable or unsafe checkpoint (corrupt, or holds objects that would run "
+            f"code when loaded; only weights-only checkpoints are accepted)"
+        ) from exc
+    wanted = set(names) | {"trainer"}
+    missing = sorted(wanted - set(saved)) if isinstance(saved, Mapping) else sorted(wanted)
+    if missing:
+        raise ValueError(f"{path}: cannot resume, the checkpoint lacks {', '.join(missing)}")
+
+
+class CaseMetricsSaver:
+    """Per-case Dice, IoU, accuracy, sensitivity, specificity and HD95 (mm) of an evaluator, written as CSV tables.
+
+    The same metrics and tables as ``covid-monai evaluate`` (:mod:`covid_monai.evaluate`), computed on the
+    evaluator's post-processed ``pred`` and ``label`` (in the scans' original space when the post-processing
+    inverts the pre-processing), with the voxel spacing of each case from its affine.
+
+    Args:
+        output_dir: where ``metrics.csv`` and ``metrics_summary.csv`` go.
+        pred_key: key of the binary prediction in the engine output.
+        label_key: key of the reference label.
+
+    Example:
+        >>> CaseMetricsSaver("eval/").attach(evaluator)
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, pred_key: str = "pred", label_key: str = "label") -> None:
+        self.output_dir = Path(output_dir)
+        self.pred_key = pred_key
+        self.label_key = label_key
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Collect rows at every iteration, write the tables when the run completes."""
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        from covid_monai.evaluate import compute_case_metrics
+        from covid_monai.io import nifti_stem
+
+        for item in engine.state.output:
+            pred, label = item[self.pred_key], item[self.label_key]
+            affine = np.asarray(getattr(pred, "affine", np.eye(4)), dtype=np.float64)
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+            source = getattr(pred, "meta", {}).get("filename_or_obj", f"case_{len(self.rows):04d}")
+            metrics = compute_case_metrics(np.asarray(pred), np.asarray(label), spacing)
+            self.rows.append({"case": nifti_stem(str(source)), **metrics})
+
+    def _write(self, engine: Engine) -> None:
+        from covid_monai.evaluate import write_metrics_tables
+
+        write_metrics_tables(self.rows, self.output_dir)

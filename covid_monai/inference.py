@@ -26,6 +26,7 @@ import torch
 from monai.utils import set_determinism
 
 from covid_monai.bundle import load_config
+from covid_monai.errors import one_line
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
 from covid_monai.quantify import quantify_case
 
@@ -235,22 +236,8 @@ class _CaseDataset(torch.utils.data.Dataset):
             try:
                 data = self.preprocessing({"image": source})
             except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
-                return {"case": case, "error": _one_line(exc), "trace": traceback.format_exc() if self.debug else ""}
+                return {"case": case, "error": one_line(exc), "trace": traceback.format_exc() if self.debug else ""}
         return {"case": case, "data": data}
-
-
-def _one_line(exc: BaseException) -> str:
-    """The innermost meaningful message of an exception chain, on one line."""
-    messages = []
-    while exc is not None:
-        text = " ".join(str(exc).split())
-        if text:
-            messages.append(text)
-        exc = exc.__cause__ or exc.__context__
-    # MONAI wraps errors as "applying transform <...>"; the root cause says what is wrong with the file.
-    useful = [m for m in messages if not m.startswith("applying transform")]
-    message = (useful[-1] if useful else (messages[-1] if messages else "unknown error"))[:300]
-    return message
 
 
 class BatchSegmenter:
@@ -377,8 +364,8 @@ class BatchSegmenter:
             result.seconds = round(time.perf_counter() - start, 3)
             start = time.perf_counter()
             results[case.name] = result
-            if result.status == "failed":
-                bar.write(f"FAILED {case.source}: {result.error}")
+            if result.status == "failed" and progress:
+                bar.write(f"FAILED {case.source}: {result.error}", file=sys.stderr)
             if on_result:
                 on_result(result)
             bar.update(1)
@@ -405,7 +392,7 @@ class BatchSegmenter:
             result.spacing = "x".join(f"{s:.4g}" for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
             _fill_numbers(result, quantify_case(mask, affine, lungs))
         except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
-            result.status, result.error = "failed", _one_line(exc)
+            result.status, result.error = "failed", one_line(exc)
             if debug:
                 result.extra["trace"] = traceback.format_exc()
         return result
@@ -464,7 +451,7 @@ def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a loadable weights-only checkpoint ({_one_line(exc)})") from exc
+        raise ValueError(f"{path}: not a loadable weights-only checkpoint ({one_line(exc)})") from exc
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     if not isinstance(state, Mapping):

@@ -12,7 +12,7 @@ import torch
 
 from covid_monai.bundle import create_bundle, load_config, run_workflow
 from covid_monai.datalist import build_datalist, check_training_data, write_datalist
-from covid_monai.handlers import atomic_torch_save
+from covid_monai.handlers import atomic_torch_save, check_resume_checkpoint
 from covid_monai.inference import resolve_device
 
 __all__ = ["train_bundle"]
@@ -56,8 +56,7 @@ def train_bundle(
     knobs.setdefault("seed", seed)
     datalist_path = out / "configs" / "datalist.json"
     if resume:
-        if not (out / "models" / "latest.pt").is_file():
-            raise FileNotFoundError(f"{out}: cannot resume, {out / 'models' / 'latest.pt'} does not exist")
+        check_resume_checkpoint(out / "models" / "latest.pt", ("model", "optimizer", "lr_scheduler"))
         if not datalist_path.is_file():
             raise FileNotFoundError(f"{out}: cannot resume, {datalist_path} does not exist")
         import json

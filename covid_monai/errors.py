@@ -1,0 +1,40 @@
+"""Turning exceptions into the one line a user reads."""
+
+from __future__ import annotations
+
+__all__ = ["one_line"]
+
+_WRAPPERS = ("applying transform", "Failed to instantiate component", "set '_mode_=debug'")
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The most specific message of an exception chain, on one line.
+
+    MONAI wraps errors raised inside transforms ("applying transform ...") and config components ("Failed to
+    instantiate component ..."); the root cause is what says which file is wrong and why.
+
+    Args:
+        exc: the exception caught.
+        limit: maximum length of the message.
+
+    Returns:
+        One line of text, never empty.
+
+    Example:
+        >>> try:
+        ...     raise RuntimeError("applying transform x") from ValueError("scan.nii.gz: not 3D")
+        ... except RuntimeError as err:
+        ...     one_line(err)
+        'scan.nii.gz: not 3D'
+    """
+    messages = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = " ".join(str(current).split())
+        if text:
+            messages.append(text)
+        current = current.__cause__ or current.__context__
+    useful = [m for m in messages if not m.startswith(_WRAPPERS)]
+    return (useful[0] if useful else type(exc).__name__)[:limit]
