@@ -106,6 +106,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers reading the next scans (default 1)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probability.nii.gz")
     p.add_argument("--lungs", action="store_true", help="also write <case>_lungs.nii.gz (1 left, 2 right)")
+    p.add_argument("--preview", action="store_true", help="also write <case>_preview.png (slices with overlay)")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the bundle's, 0.5)")
     p.add_argument("--min-lesion-ml", type=float, help="remove infection components smaller than this (mL)")
     p.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded mask (no lung limit)")
@@ -188,6 +189,7 @@ def _cmd_infer(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         workers=args.workers,
         save_probabilities=args.save_probabilities,
         save_lungs=args.lungs,
+        save_preview=args.preview,
         overwrite=args.overwrite,
         force=args.force,
         progress=not args.quiet,

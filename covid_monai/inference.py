@@ -28,6 +28,7 @@ from monai.utils import set_determinism
 from covid_monai.bundle import load_config
 from covid_monai.errors import one_line
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
+from covid_monai.preview import SLICER_COLOR_TABLES, save_preview
 from covid_monai.quantify import quantify_case
 
 __all__ = [
@@ -250,6 +251,7 @@ class BatchSegmenter:
         num_workers: DataLoader workers reading and pre-processing the next scans while the network runs.
         save_probabilities: also write ``<case>_probability.nii.gz`` (float32).
         save_lungs: also write ``<case>_lungs.nii.gz`` (1 left, 2 right).
+        save_preview: also write ``<case>_preview.png`` (axial and coronal slices with the infection overlaid).
 
     Example:
         >>> segmenter = BatchSegmenter("demo_output/bundle", device="cpu")
@@ -264,15 +266,18 @@ class BatchSegmenter:
         num_workers: int = 1,
         save_probabilities: bool = False,
         save_lungs: bool = False,
+        save_preview: bool = False,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
         self.save_probabilities = save_probabilities
         self.save_lungs = save_lungs
+        self.save_preview = save_preview
         self.device = resolve_device(device)
         self.num_workers = num_workers
         knobs = dict(overrides or {})
         knobs["device"] = f"$torch.device('{self.device}')"
         knobs["keep_probability"] = save_probabilities
+        knobs["keep_original"] = save_preview
         self.parser = load_config(self.bundle_dir, ["inference.json"], knobs)
         ckpt = Path(self.parser.get_parsed_content("ckpt_path"))
         if not ckpt.is_file():
@@ -332,6 +337,10 @@ class BatchSegmenter:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         wanted = ["infection"] + ["probability"] * self.save_probabilities + ["lungs"] * self.save_lungs
+        wanted += ["preview"] * self.save_preview
+        for name, table in SLICER_COLOR_TABLES.items():
+            if not (out / name).is_file() or (out / name).read_text() != table:
+                atomic_write_text(out / name, table)
         before = {r.case: r for r in previous}
         results: dict[str, CaseResult] = {}
         todo = []
@@ -387,9 +396,15 @@ class BatchSegmenter:
                 save_nifti_like(probability, paths["probability"], affine, reference, dtype=np.float32)
             if self.save_lungs and lungs is not None:
                 save_nifti_like(lungs, paths["lungs"], affine, reference)
+            notes = list(data.get("warnings", []))
+            if self.save_preview and "original_image" in data:
+                save_preview(np.asarray(data["original_image"][0]), mask, affine, paths["preview"])
+            elif self.save_preview:
+                notes.append("no preview: this bundle's inference.json has no keep_original step")
             save_nifti_like(mask, paths["infection"], affine, reference)  # last: its presence marks a done case
             result.shape = "x".join(str(s) for s in mask.shape)
             result.spacing = "x".join(f"{s:.4g}" for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+            result.warnings = "; ".join(notes)
             _fill_numbers(result, quantify_case(mask, affine, lungs))
         except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
             result.status, result.error = "failed", one_line(exc)
@@ -485,6 +500,7 @@ def run_batch(
     workers: int = 1,
     save_probabilities: bool = False,
     save_lungs: bool = False,
+    save_preview: bool = False,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -504,6 +520,7 @@ def run_batch(
         workers: DataLoader workers pre-processing the next scans while the network runs.
         save_probabilities: also write probability maps.
         save_lungs: also write lung masks.
+        save_preview: also write preview PNGs.
         overwrite: redo finished cases.
         force: allow an output folder inside an input folder.
         progress: show a progress bar.
@@ -517,7 +534,7 @@ def run_batch(
     """
     check_output_folder(out_dir, inputs, force)
     cases, failures = discover_cases(inputs)
-    segmenter = BatchSegmenter(bundle_dir, device, knobs, workers, save_probabilities, save_lungs)
+    segmenter = BatchSegmenter(bundle_dir, device, knobs, workers, save_probabilities, save_lungs, save_preview)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = read_summary(out)

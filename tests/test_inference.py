@@ -165,3 +165,72 @@ def test_save_nifti_like_refuses_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         save_nifti_like(np.zeros((32, 32, 7)), tmp_path / "bad.nii.gz", np.eye(4), reference=scan)
     assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def _two_series_folder(folder: Path) -> Path:
+    """The real DICOM slices split into two series (new series UIDs and descriptions), in one folder."""
+    pydicom = pytest.importorskip("pydicom")
+    source = sorted(shared_data("real_ct", "dicom_series").iterdir())
+    folder.mkdir(parents=True)
+    for i, path in enumerate(source):
+        ds = pydicom.dcmread(path)
+        first = i < len(source) // 2
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1" if first else "1.2.826.0.1.3680043.8.498.2"
+        ds.SeriesDescription = "lung" if first else "soft"
+        ds.SeriesNumber = 1 if first else 2
+        ds.save_as(folder / path.name)
+    return folder
+
+
+def test_folder_with_two_dicom_series_gives_two_cases(tmp_path, random_bundle):
+    folder = _two_series_folder(tmp_path / "study")
+    cases, _ = discover_cases([folder])
+    assert sorted(c.name for c in cases) == ["study_lung", "study_soft"]
+    results = _run([folder], tmp_path / "out", random_bundle)
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    for name in ("study_lung", "study_soft"):
+        assert nib.load(str(tmp_path / "out" / f"{name}_infection.nii.gz")).shape == (512, 512, 10)
+
+
+def test_eight_bit_data_is_flagged_not_failed(tmp_path, random_bundle):
+    phantom = make_phantom(shape=(48, 48, 12), seed=2)
+    windowed = np.clip((phantom.image + 1250.0) / 1500.0 * 255.0, 0, 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(windowed, phantom.affine), tmp_path / "in" / "eight_bit.nii.gz")
+    results = _run([tmp_path / "in"], tmp_path / "out", random_bundle)
+    assert results[0].status == "ok"
+    assert "do not look like Hounsfield units" in results[0].warnings
+    row = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"][0]
+    assert "Hounsfield" in row["warnings"]
+
+
+def test_mixed_folder_as_a_new_user_runs_it(tmp_path, random_bundle):
+    """Phantoms in several orientations, the real DICOM series and NIfTI CT, a corrupt and an empty file."""
+    import shutil
+
+    scans = tmp_path / "scans"
+    for orientation in ("RAS", "LPS", "RPI"):
+        _write_case(scans / "phantoms", f"ph_{orientation}", orientation, seed=8)
+    shutil.copytree(shared_data("real_ct", "dicom_series"), scans / "dicom_series")
+    shutil.copy(shared_data("real_ct", "abdomen_ct_3mm.nii.gz"), scans / "abdomen.nii.gz")
+    (scans / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(200))
+    (scans / "zero.nii.gz").write_bytes(b"")
+    out = tmp_path / "out"
+    first = {r.case: r for r in _run([scans], out, random_bundle, save_lungs=True, save_preview=True)}
+    good = {"ph_RAS", "ph_LPS", "ph_RPI", "dicom_series", "abdomen"}
+    assert {c for c, r in first.items() if r.status == "ok"} == good
+    assert {c for c, r in first.items() if r.status == "failed"} == {"corrupt", "zero"}
+    for case in ("ph_RAS", "ph_LPS", "ph_RPI", "abdomen"):
+        source = next(scans.rglob(f"{case}.nii.gz"))
+        mask = nib.load(str(out / f"{case}_infection.nii.gz"))
+        assert mask.shape == nib.load(str(source)).shape
+        np.testing.assert_allclose(mask.affine, nib.load(str(source)).affine, atol=1e-5)
+        assert (out / f"{case}_preview.png").is_file()
+        row = first[case]
+        voxel = voxel_volume_ml(mask.affine)
+        assert row.infection_ml == pytest.approx(np.asarray(mask.dataobj).sum() * voxel, rel=1e-3, abs=1e-3)
+    assert (out / "labels.ctbl").is_file() and (out / "lungs.ctbl").is_file()
+    second = {r.case: r.status for r in _run([scans], out, random_bundle, save_lungs=True, save_preview=True)}
+    assert second == {**{c: "skipped" for c in first if first[c].status == "ok"}, "corrupt": "failed", "zero": "failed"}
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+    assert sorted(p.name for p in scans.rglob("*") if "_infection" in p.name) == []  # nothing written to the inputs

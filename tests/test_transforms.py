@@ -16,7 +16,15 @@ import torch
 from monai.data import MetaTensor
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
-from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG, LungMaskd, RestrictToLungsd, lung_mask_from_hu
+from covid_monai.transforms import (
+    LEFT_LUNG,
+    RIGHT_LUNG,
+    AddInfectionToLungsd,
+    LungMaskd,
+    RestrictToLungsd,
+    ValidateCTd,
+    lung_mask_from_hu,
+)
 
 LEFT_C, LEFT_R = np.array([-65.0, 0.0, 0.0]), np.array([45.0, 70.0, 90.0])
 RIGHT_C, RIGHT_R = np.array([65.0, 0.0, 0.0]), np.array([50.0, 70.0, 95.0])
@@ -305,3 +313,50 @@ def test_restrict_to_lungs_empty_mask():
     assert not zeroed.any()
     with pytest.raises(ValueError, match="shape"):
         RestrictToLungsd("pred")({"pred": pred, "lungs": lungs[:, :4]})
+
+
+def test_add_infection_to_lungs_joins_the_touching_lung():
+    lungs = np.zeros((1, 30, 20, 6), dtype=np.uint8)
+    lungs[0, 2:12, 2:18, :] = RIGHT_LUNG
+    lungs[0, 18:28, 2:18, :] = LEFT_LUNG
+    pred = np.zeros_like(lungs)
+    pred[0, 8:15, 5:9, 2:4] = 1  # consolidation bulging out of the right lung, cut from the threshold mask
+    out = AddInfectionToLungsd("lungs", infection_key="pred")({"lungs": MetaTensor(lungs), "pred": pred})["lungs"]
+    out = np.asarray(out)
+    assert (out[0, 12:15, 5:9, 2:4] == RIGHT_LUNG).all()
+    assert (out[0, 18:28] == lungs[0, 18:28]).all()  # the other lung untouched
+    assert out.sum() - lungs.sum() == RIGHT_LUNG * (3 * 4 * 2)
+
+
+def _scan(array, affine=None, name="scan.nii.gz"):
+    return {"image": MetaTensor(torch.as_tensor(array), affine=torch.eye(4) if affine is None else affine,
+                                meta={"filename_or_obj": name})}
+
+
+@pytest.mark.parametrize(
+    ("array", "affine", "message"),
+    [
+        (np.zeros((1, 8, 8)), None, "not a 3D volume"),
+        (np.zeros((3, 8, 8, 4)), None, "3 volumes in one file"),
+        (np.full((1, 8, 8, 4), np.nan), None, "NaN or infinite"),
+        (np.full((1, 8, 8, 4), -1000.0), None, "same value"),
+        (np.linspace(-1000, 400, 256).reshape(1, 8, 8, 4), torch.diag(torch.tensor([1.0, 1.0, 0.0, 1.0])), "singular"),
+    ],
+)
+def test_validate_ct_refuses_with_file_name(array, affine, message):
+    with pytest.raises(ValueError, match=message) as err:
+        ValidateCTd("image")(_scan(array.astype(np.float32), affine))
+    assert str(err.value).startswith("scan.nii.gz: ")
+
+
+def test_validate_ct_limits_and_warnings():
+    ct = np.linspace(-1000, 400, 8 * 8 * 4, dtype=np.float32).reshape(1, 8, 8, 4)
+    assert "warnings" not in ValidateCTd("image")(_scan(ct))
+    with pytest.raises(ValueError, match="larger than the limit"):
+        ValidateCTd("image", max_voxels=100)(_scan(ct))
+    eight_bit = np.linspace(0, 255, 8 * 8 * 4, dtype=np.float32).reshape(1, 8, 8, 4)
+    out = ValidateCTd("image")(_scan(eight_bit))
+    assert "do not look like Hounsfield units" in out["warnings"][0]
+    assert "warnings" not in ValidateCTd("image", expect_hu=False)(_scan(eight_bit))
+    one_slice = np.linspace(-1000, 400, 64, dtype=np.float32).reshape(1, 8, 8, 1)
+    assert ValidateCTd("image")(_scan(one_slice))["image"].shape == (1, 8, 8, 1)
