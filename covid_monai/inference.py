@@ -437,9 +437,9 @@ def _skipped(case: Case, before: CaseResult | None, mask_path: Path) -> CaseResu
     return result
 
 
-def read_summary(out_dir: str | os.PathLike) -> list[CaseResult]:
-    """Results of an earlier run from ``out_dir/summary.json`` (empty when there is none or it is unreadable)."""
-    path = Path(out_dir) / "summary.json"
+def read_summary(out_dir: str | os.PathLike, name: str = "summary") -> list[CaseResult]:
+    """Results of an earlier run from ``out_dir/<name>.json`` (empty when there is none or it is unreadable)."""
+    path = Path(out_dir) / f"{name}.json"
     try:
         rows = json.loads(path.read_text())["cases"]
         return [CaseResult(**{k: row.get(k) for k in SUMMARY_FIELDS}) for row in rows]
@@ -447,18 +447,34 @@ def read_summary(out_dir: str | os.PathLike) -> list[CaseResult]:
         return []
 
 
-def write_summary(out_dir: str | os.PathLike, results: Sequence[CaseResult], meta: Mapping[str, Any]) -> None:
-    """Write ``summary.csv`` and ``summary.json`` atomically (one row per case; JSON adds run information)."""
+def write_summary(
+    out_dir: str | os.PathLike, results: Sequence[CaseResult], meta: Mapping[str, Any], name: str = "summary"
+) -> None:
+    """Write ``<name>.csv`` and ``<name>.json`` atomically (one row per case; the JSON adds run information)."""
     rows = [r.row() for r in results]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    atomic_write_text(Path(out_dir) / "summary.csv", buffer.getvalue())
+    atomic_write_text(Path(out_dir) / f"{name}.csv", buffer.getvalue())
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     document = {**meta, "counts": counts, "cases": rows}
-    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_text(Path(out_dir) / f"{name}.json", json.dumps(document, indent=2) + "\n")
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed run left in ``out_dir`` (only this tool's ``.<name>.<random>.tmp*`` files).
+
+    Returns:
+        The files removed.
+    """
+    removed = []
+    for path in Path(out_dir).glob(".*.tmp*"):
+        if path.is_file() and re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp(\.nii\.gz|\.[A-Za-z0-9]+)?", path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -505,6 +521,7 @@ def run_batch(
     force: bool = False,
     progress: bool = True,
     debug: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> list[CaseResult]:
     """Discover cases, segment them with one model load, and keep ``summary.csv``/``summary.json`` up to date.
 
@@ -525,6 +542,9 @@ def run_batch(
         force: allow an output folder inside an input folder.
         progress: show a progress bar.
         debug: keep tracebacks of failures (printed to stderr).
+        shard: ``(index, count)``: process only cases ``index, index + count, ...`` of the sorted discovery (for
+            distributed runs; every process discovers the same cases) and keep this shard's summary in
+            ``summary.shard<index>.json`` / ``.csv``; inputs that do not exist are reported by shard 0 only.
 
     Returns:
         One result per case (failed inputs included).
@@ -534,10 +554,19 @@ def run_batch(
     """
     check_output_folder(out_dir, inputs, force)
     cases, failures = discover_cases(inputs)
+    summary_name = "summary"
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard index {index} outside 0..{count - 1}")
+        cases, failures = cases[index::count], failures if index == 0 else []
+        summary_name = f"summary.shard{index}"
     segmenter = BatchSegmenter(bundle_dir, device, knobs, workers, save_probabilities, save_lungs, save_preview)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = read_summary(out)
+    previous = read_summary(out) + read_summary(out, summary_name)
+    if shard is None:  # sharded runs: the launcher cleans up once, before the ranks start writing
+        remove_stale_temporaries(out)
     done: dict[str, CaseResult] = {f.case: f for f in failures}
     meta = {"bundle": str(Path(bundle_dir).resolve()), "device": str(segmenter.device), "knobs": dict(knobs or {})}
 
@@ -545,9 +574,10 @@ def run_batch(
         done[result.case] = result
         if debug and result.extra.get("trace"):
             print(result.extra["trace"], file=sys.stderr)
-        write_summary(out, [done[c.case] for c in failures] + [done[c.name] for c in cases if c.name in done], meta)
+        rows = [done[c.case] for c in failures] + [done[c.name] for c in cases if c.name in done]
+        write_summary(out, rows, meta, summary_name)
 
-    write_summary(out, failures, meta)
+    write_summary(out, failures, meta, summary_name)
     results = segmenter.run(cases, out, overwrite=overwrite, previous=previous, progress=progress,
                             debug=debug, on_result=record)
     return failures + results
