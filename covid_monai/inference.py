@@ -28,6 +28,7 @@ from monai.utils import set_determinism
 from covid_monai.bundle import load_config
 from covid_monai.errors import one_line
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
+from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
 from covid_monai.preview import SLICER_COLOR_TABLES, save_preview
 from covid_monai.quantify import quantify_case
 
@@ -218,10 +219,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 class _CaseDataset(torch.utils.data.Dataset):
     """Runs the bundle's pre-processing per case in DataLoader workers; errors become data, not exceptions."""
 
-    def __init__(self, cases: Sequence[Case], preprocessing: Callable, debug: bool = False) -> None:
+    def __init__(
+        self, cases: Sequence[Case], preprocessing: Callable, debug: bool = False, max_voxels: int = DEFAULT_MAX_VOXELS
+    ) -> None:
         self.cases = list(cases)
         self.preprocessing = preprocessing
         self.debug = debug
+        self.max_voxels = max_voxels
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -235,7 +239,8 @@ class _CaseDataset(torch.utils.data.Dataset):
                     os.symlink(f, os.path.join(series_dir, f"{i:05d}_{Path(f).name}"))
                 source = series_dir
             try:
-                data = self.preprocessing({"image": source})
+                notes = check_scan(case.source, case.kind, case.files, self.max_voxels)
+                data = self.preprocessing({"image": source, "warnings": notes})
             except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
                 return {"case": case, "error": one_line(exc), "trace": traceback.format_exc() if self.debug else ""}
         return {"case": case, "data": data}
@@ -291,6 +296,7 @@ class BatchSegmenter:
 
         self.postprocessing = Compose(self.parser.get_parsed_content("postprocessing_transforms"))
         self.amp = bool(self.parser.get_parsed_content("amp")) and self.device.type == "cuda"
+        self.max_voxels = int(self.parser.get("max_voxels", DEFAULT_MAX_VOXELS))
 
     def predict(self, data: dict[str, Any]) -> dict[str, Any]:
         """Run the network over one pre-processed case and its post-processing (back to the input's space).
@@ -354,7 +360,7 @@ class BatchSegmenter:
                 todo.append(case)
         set_determinism(seed=0)
         loader = torch.utils.data.DataLoader(
-            _CaseDataset(todo, self.preprocessing, debug),
+            _CaseDataset(todo, self.preprocessing, debug, self.max_voxels),
             batch_size=None,
             shuffle=False,
             num_workers=self.num_workers if len(todo) > 1 else 0,

@@ -2,7 +2,9 @@
 
 * :func:`lung_mask_from_hu` -- a classical, model-free left/right lung mask from Hounsfield units.
 * :class:`LungMaskd` -- dictionary transform that adds that lung mask as a new key, with the image's meta data.
-* :class:`RestrictToLungsd` -- zero a prediction outside a (slightly dilated) lung mask.
+* :class:`RestrictToLungsd` -- remove predicted infection away from a (slightly dilated) lung mask.
+* :class:`AddInfectionToLungsd` -- lungs include their lesions: infection next to a lung joins that lung's label.
+* :class:`ValidateCTd` -- refuse what cannot be a CT volume (not 3D, NaN/Inf, constant, too large), flag non-HU data.
 
 Small connected components of a prediction are not handled here: use MONAI's
 ``monai.transforms.RemoveSmallObjectsd`` (``min_size`` with ``by_measure=True`` reads the threshold in mm³ and takes
@@ -31,7 +33,15 @@ from monai.utils import convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 from nibabel.orientations import io_orientation
 from scipy import ndimage
 
-__all__ = ["LEFT_LUNG", "RIGHT_LUNG", "lung_mask_from_hu", "LungMaskd", "RestrictToLungsd"]
+__all__ = [
+    "LEFT_LUNG",
+    "RIGHT_LUNG",
+    "AddInfectionToLungsd",
+    "LungMaskd",
+    "RestrictToLungsd",
+    "ValidateCTd",
+    "lung_mask_from_hu",
+]
 
 LEFT_LUNG = 1
 """Label of the patient's left lung (as in the COVID-19-CT-Seg lung masks)."""
@@ -43,11 +53,20 @@ RIGHT_LUNG = 2
 _JOINED_SIDE_FRACTION = 0.2
 # The split plane of joined lungs is searched within this fraction of the body width around the body centre.
 _SPLIT_SEARCH_FRACTION = 0.12
-# A second air component smaller than this fraction of the largest is not a lung (e.g. gastric gas when one lung is
-# not aerated at all).
+# A further lung-like air component smaller than this fraction of the largest lung is not taken as lung.
 _MIN_SECOND_FRACTION = 0.1
 # Voxel size (mm) of the coarse grid used for the morphological closing.
 _COARSE_MM = 2.0
+# In-plane voxel size (mm) of the grid on which the body outline is found (mid-sagittal plane, inside-body test).
+_BODY_MM = 4.0
+# Air enclosed in the body (voxels below ``lung_threshold``) is pure gas below _GAS_HU (bowel and stomach gas,
+# trachea: about -1000 HU) and aerated lung parenchyma with its vessels and partial volume in
+# _GAS_HU..._PARENCHYMA_MAX_HU; a lung has more voxels in the latter range than in the former.
+_GAS_HU = -950.0
+_PARENCHYMA_MAX_HU = -600.0
+# A candidate that touches the first or last slice continues beyond the scan (e.g. lung bases at the top of an
+# abdominal CT): it needs only this fraction of ``min_lung_ml``.
+_CUT_MIN_FRACTION = 0.25
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:
@@ -138,6 +157,18 @@ def _world_axis_order(affine: np.ndarray) -> list[int]:
     return [int(np.flatnonzero(ornt[:, 0] == k)[0]) for k in range(3)]
 
 
+def _profiles(mask: np.ndarray) -> list[np.ndarray]:
+    """Voxel counts of a 3D boolean mask per index along each axis."""
+    return [mask.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64) for axis in range(3)]
+
+
+def _is_parenchyma(values: np.ndarray) -> bool:
+    """True when air voxels (HU) look like lung parenchyma: more in -950...-600 HU than below -950 HU (gas)."""
+    gas = np.count_nonzero(values < _GAS_HU)
+    parenchyma = np.count_nonzero(values <= _PARENCHYMA_MAX_HU) - gas
+    return parenchyma > gas
+
+
 def lung_mask_from_hu(
     image: np.ndarray,
     affine: np.ndarray,
@@ -146,24 +177,42 @@ def lung_mask_from_hu(
     min_lung_ml: float = 20.0,
     closing_mm: float = 15.0,
 ) -> np.ndarray:
-    """Left/right lung mask of a chest CT in Hounsfield units, by thresholds and morphology (no model).
+    """Left/right lung mask of a CT in Hounsfield units, by thresholds and morphology (no model).
 
-    The method:
+    Works on chest CT and on scans that contain only part of the lungs (e.g. the lung bases at the top of an
+    abdominal CT); a scan without aerated lung gives an empty (or nearly empty) mask. The method:
 
-    1. body = the largest 6-connected 3D component above ``body_threshold``, holes filled slice by slice (axial);
-    2. lung candidates = air below ``lung_threshold`` inside the filled body. These are the body's in-plane holes, so
-       air outside the patient, the gap to the table and anything touching the in-plane volume border are excluded;
-    3. candidates smaller than ``min_lung_ml`` are dropped (bowel gas, small airways) and the two largest are kept
-       (the second only if it has at least 10 % of the voxels of the largest). If the largest one has at least 20 %
-       of its voxels on each side of the body's mid-sagittal plane, the lungs are joined (trachea, main bronchi,
-       anterior junction line): it is split at the sagittal plane with the smallest cross-section near the body
-       centre, and the two halves are the lungs;
-    4. each lung is closed with a ball of radius ``closing_mm`` and its holes are filled slice by slice, so vessels,
-       ground glass (-700...-300 HU) and consolidation (~0 HU) inside the lung or in a dent of its border become
-       part of it. The closing runs on a ~2 mm grid (max-pooled, distance transforms) and adds only the coarse voxels
-       that held no lung voxel, so the fine lung border elsewhere is unchanged;
-    5. left/right is decided in world space: the lung whose centroid has the smaller world x (RAS+, patient left is
-       -x) is the left lung. A single lung is labelled by the side of the body centroid it lies on.
+    1. body = the largest 6-connected 3D component above ``body_threshold``, holes filled slice by slice (axial),
+       found on a grid of about 4 mm in-plane (every n-th voxel; all slices). It gives the body's mid-sagittal plane
+       and the inside-the-body test of step 3;
+    2. enclosed air = voxels below ``lung_threshold`` that are holes of the tissue (``>= lung_threshold``) in their
+       axial slice, i.e. not connected in-plane to the slice border through voxels below ``lung_threshold``. Air
+       outside the patient, the gap to the table and the table pad / mattress (foam, about -400 HU, which is above
+       ``body_threshold`` but touches the outside air) are therefore never candidates, whatever their shape;
+    3. candidates = 6-connected 3D components of the enclosed air, largest first. A candidate is a lung when:
+
+       * it has at least ``min_lung_ml`` (a candidate that touches the first or last slice, i.e. is cut by the scan
+         like lung bases at the top of an abdominal CT, needs only 25 % of it), and, unless it is the first lung
+         found, at least 10 % of the voxels of the largest lung;
+       * it is aerated parenchyma rather than gas: it has more voxels in -950...-600 HU (lung parenchyma with its
+         vessels and partial volume) than below -950 HU (bowel and stomach gas, trachea, air: about -1000 HU). Gas
+         pockets have most of their voxels near -1000 HU and the rest spread over the partial-volume rim, whereas lung
+         parenchyma has almost none below -950 HU (emphysema with more than about half of the lung below -950 HU
+         would be missed);
+       * its centroid lies inside the body of step 1 (air enclosed in the table or in other objects is not lung).
+
+       Every lung found is kept (a lung cut into pieces by the scan or the diaphragm dome stays complete). If the
+       largest one has at least 20 % of its voxels on each side of the body's mid-sagittal plane, the lungs are joined
+       (trachea, main bronchi, anterior junction line): it is split at the sagittal plane with the smallest
+       cross-section within 12 % of the body width around the body centre, and the two halves are taken apart;
+    4. left/right is decided per component (or half) by the side of the body's mid-sagittal plane its centroid lies
+       on, in world space: the plane is the left-right centroid of the body over the slices that hold lungs, and the
+       patient's left is world -x (RAS+). So a single lung, e.g. one lung base, gets its own side;
+    5. each side's lung is closed with a ball of radius ``closing_mm`` and its holes are filled slice by slice, so
+       vessels, ground glass (-700...-300 HU) and consolidation (~0 HU) inside the lung or in a dent of its border
+       become part of it. The closing runs on a ~2 mm grid (max-pooled, distance transforms) and adds only the coarse
+       voxels that held no lung voxel, so the fine lung border elsewhere is unchanged; voxels that a closing adds
+       never take voxels of the other lung.
 
     Any storage orientation works (the axial axis and the left-right axis are read from the affine with
     ``nibabel.orientations.io_orientation``), and so does a volume with few slices (a lung that reaches the first or
@@ -172,15 +221,16 @@ def lung_mask_from_hu(
     Limitations (it is a heuristic): the trachea and main bronchi stay part of the lungs where joined to them; the
     closing also fills concavities of the mediastinal surface (hilum) narrower than about ``2 * closing_mm``; a
     consolidation at the pleura is restored up to a rim of a few mm where it meets the chest wall (keep a margin, as
-    :class:`RestrictToLungsd` does) and only partly when it is wider than about ``2 * closing_mm``; air enclosed
-    between the body and a table that touches it is a candidate like any other (it is usually smaller than a lung).
+    :class:`RestrictToLungsd` does) and only partly when it is wider than about ``2 * closing_mm``; a lung (or the
+    part of a lung in the scan) with more voxels below -950 HU than in -950...-600 HU is taken for gas, and an
+    enclosed gas/stool mixture of lung size with mostly -950...-600 HU voxels would be taken for lung.
 
     Args:
         image: 3D CT volume in HU, in storage order (the array as stored in the file).
         affine: 4x4 voxel-to-world (RAS+, mm) affine of ``image``.
-        body_threshold: HU above which a voxel is body tissue.
-        lung_threshold: HU below which a voxel inside the body is lung air.
-        min_lung_ml: smallest air component (mL) that may be a lung.
+        body_threshold: HU above which a voxel is body tissue (for the body outline of step 1).
+        lung_threshold: HU below which a voxel enclosed by tissue is lung air.
+        min_lung_ml: smallest air component (mL) that may be a lung (25 % of it for one cut by the first/last slice).
         closing_mm: radius (mm) of the closing that pulls lesions at the lung border into the mask; 0 disables it.
 
     Returns:
@@ -204,84 +254,110 @@ def lung_mask_from_hu(
         return out
 
     order = _world_axis_order(affine)
-    inverse = np.argsort(order)
     work = np.transpose(image, order)  # (lr, ap, si): axial axis last
     spacing = _spacing(affine)[order]
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    # +1 when the left-right array index grows towards world +x (patient right), -1 when towards the patient's left
+    x_sign = 1.0 if affine[0, order[0]] >= 0 else -1.0
 
-    # 1. body
-    body = _largest_component(work > body_threshold)
+    # 1. body, on a coarse in-plane grid (every ``steps``-th voxel)
+    steps = [max(1, int(round(_BODY_MM / s))) if s > 0 else 1 for s in spacing[:2]]
+    body = _largest_component(work[:: steps[0], :: steps[1], :] > body_threshold)
     if not body.any():
         return out
     body = _fill_holes_axial(body)
-    lr_profile = body.sum(axis=(1, 2), dtype=np.int64)
-    lr_index = np.arange(work.shape[0])
-    body_centre = float((lr_profile * lr_index).sum() / lr_profile.sum())
-    body_extent = np.flatnonzero(lr_profile)
-    body_width = float(body_extent[-1] - body_extent[0] + 1)
 
-    # 2. air inside the body (= holes of the body outline, never touching the in-plane border)
-    air = body
-    air &= work < lung_threshold
+    # 2. air enclosed by tissue in its axial slice
+    tissue = work >= lung_threshold
+    air = _fill_holes_axial(tissue)
+    air &= ~tissue
+    del tissue
     labels, n = ndimage.label(air)
-    del air, body
+    del air
     if n == 0:
         return out
     sizes, boxes = _component_sizes(labels, n)
-    min_voxels = min_lung_ml / voxel_ml if voxel_ml > 0 else 0.0
-    candidates = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] >= max(min_voxels, 1)]
-    if not candidates:
+
+    # 3. lung candidates, largest first: list of (bounding box, boolean mask within the box)
+    min_voxels = max(min_lung_ml / voxel_ml if voxel_ml > 0 else 0.0, 1.0)
+    lungs: list[tuple[tuple[slice, ...], np.ndarray]] = []
+    largest = 0  # voxels of the largest lung found
+    for i in np.argsort(sizes, kind="stable")[::-1]:
+        size, box = int(sizes[i]), boxes[i]
+        if size < _CUT_MIN_FRACTION * min_voxels or size < _MIN_SECOND_FRACTION * largest:
+            break
+        cut = box[2].start == 0 or box[2].stop == work.shape[2]
+        if size < (_CUT_MIN_FRACTION if cut else 1.0) * min_voxels:
+            continue
+        comp = labels[box] == i + 1
+        if not _is_parenchyma(work[box][comp]):
+            continue
+        centre = [
+            int(round((np.arange(c.size) * c).sum() / c.sum())) + b.start
+            for c, b in zip(_profiles(comp), box, strict=True)
+        ]
+        coarse_centre = tuple(
+            min(int(round(c / f)), d - 1) for c, f, d in zip(centre, [*steps, 1], body.shape, strict=True)
+        )
+        if body[coarse_centre]:
+            lungs.append((box, comp))
+            largest = max(largest, size)
+    del labels
+    if not lungs:
         return out
 
-    # 3. one or two lungs: list of (bounding box, boolean mask within the box)
-    first = candidates[0]
-    box = boxes[first]
-    comp = labels[box] == first + 1
+    # mid-sagittal plane (fine left-right index) and width of the body, over the slices that hold lungs
+    z_lo = min(b[2].start for b, _ in lungs)
+    z_hi = max(b[2].stop for b, _ in lungs)
+    lr_profile = body[:, :, z_lo:z_hi].sum(axis=(1, 2), dtype=np.int64)
+    lr_index = np.arange(body.shape[0]) * steps[0]
+    body_centre = float((lr_profile * lr_index).sum() / lr_profile.sum())
+    body_extent = lr_index[lr_profile > 0]
+    body_width = float(body_extent[-1] - body_extent[0] + steps[0])
+
+    # joined lungs: split the largest at the narrowest sagittal plane near the body centre
+    box, comp = lungs[0]
     idx = np.arange(box[0].start, box[0].stop)
     profile = comp.sum(axis=(1, 2), dtype=np.int64)
     low_side = profile[idx < body_centre].sum() / profile.sum()
-    lungs: list[tuple[tuple[slice, ...], np.ndarray]] = []
     if min(low_side, 1.0 - low_side) >= _JOINED_SIDE_FRACTION:
         half = max(1, int(round(_SPLIT_SEARCH_FRACTION * body_width)))
-        window = (idx >= body_centre - half) & (idx <= body_centre + half)
-        window_idx = np.flatnonzero(window)
+        window_idx = np.flatnonzero((idx >= body_centre - half) & (idx <= body_centre + half))
         if window_idx.size == 0:  # degenerate: split at the centre
             plane = int(np.searchsorted(idx, body_centre))
         else:
             costs = profile[window_idx] + 1e-6 * np.abs(idx[window_idx] - body_centre)
             plane = int(window_idx[np.argmin(costs)])
+        parts = []
         for part in (slice(0, plane), slice(plane, comp.shape[0])):
             sub = np.zeros_like(comp)
             sub[part] = comp[part]
             if sub.any():
-                lungs.append((box, sub))
-    else:
-        lungs.append((box, comp))
-        if len(candidates) > 1 and sizes[candidates[1]] >= _MIN_SECOND_FRACTION * sizes[first]:
-            second = candidates[1]
-            lungs.append((boxes[second], labels[boxes[second]] == second + 1))
-    del labels
+                parts.append((box, sub))
+        lungs[:1] = parts
 
-    # 5. left / right in world coordinates
-    def world_x(box: tuple[slice, ...], centroid: Sequence[float]) -> float:
-        ijk_work = np.array([c + b.start for c, b in zip(centroid, box, strict=True)], dtype=np.float64)
-        ijk = ijk_work[inverse]
-        return float(affine[0, :3] @ ijk + affine[0, 3])
+    # 4. left / right: the side of the mid-sagittal plane (in world x) that each piece's centroid lies on
+    sides: dict[int, list[tuple[tuple[slice, ...], np.ndarray]]] = {LEFT_LUNG: [], RIGHT_LUNG: []}
+    for box, mask in lungs:
+        lr = _profiles(mask)[0]
+        centroid = float((np.arange(lr.size) * lr).sum() / lr.sum()) + box[0].start
+        sides[LEFT_LUNG if (centroid - body_centre) * x_sign < 0 else RIGHT_LUNG].append((box, mask))
 
-    xs = [world_x(b, ndimage.center_of_mass(m)) for b, m in lungs]
-    if len(lungs) == 2:
-        names = [LEFT_LUNG, RIGHT_LUNG] if xs[0] < xs[1] else [RIGHT_LUNG, LEFT_LUNG]
-    else:
-        centre = [body_centre, (work.shape[1] - 1) / 2.0, (work.shape[2] - 1) / 2.0]
-        body_x = world_x((slice(0, None),) * 3, centre)
-        names = [LEFT_LUNG if xs[0] < body_x else RIGHT_LUNG]
-
-    # 4. closing on a coarse grid + slice-wise hole filling, per lung; each lung's own voxels are written first so
+    # 5. per side: closing on a coarse grid + slice-wise hole filling; each lung's own voxels are written first so
     # that what the closing adds to one lung never takes voxels of the other
     out_work = np.transpose(out, order)  # a view: writing into it writes into ``out``
     factors = [max(1, int(round(_COARSE_MM / s))) if s > 0 else 1 for s in spacing]
+    merged = []
+    for name, pieces in sides.items():
+        if not pieces:
+            continue
+        box = tuple(slice(min(p[0][a].start for p in pieces), max(p[0][a].stop for p in pieces)) for a in range(3))
+        mask = np.zeros([b.stop - b.start for b in box], dtype=bool)
+        for b, m in pieces:
+            mask[tuple(slice(s.start - u.start, s.stop - u.start) for s, u in zip(b, box, strict=True))] |= m
+        merged.append((name, box, mask))
     filled = []
-    for box, mask in lungs:
+    for name, box, mask in merged:
         margin = [
             int(math.ceil(closing_mm / s)) + 2 * f + 1 if s > 0 else 0 for s, f in zip(spacing, factors, strict=True)
         ]
@@ -295,10 +371,10 @@ def lung_mask_from_hu(
             coarse = _block_max(fine, factors)
             closed = _closing_edt(coarse, closing_mm, [s * f for s, f in zip(spacing, factors, strict=True)])
             fine |= _block_up(closed & ~coarse, factors, fine.shape)
-        filled.append((crop, _fill_holes_axial(fine)))
-    for (box, mask), name in zip(lungs, names, strict=True):
+        filled.append((name, crop, _fill_holes_axial(fine)))
+    for name, box, mask in merged:
         out_work[box][mask] = name
-    for (crop, fine), name in zip(filled, names, strict=True):
+    for name, crop, fine in filled:
         target = out_work[crop]
         target[fine & (target == 0)] = name
     return out
@@ -504,3 +580,114 @@ def _components_touching(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
             touching = np.unique(labels[region & (labels > 0)])
             keep[c] = np.isin(labels, touching[touching > 0])
     return keep
+
+
+class AddInfectionToLungsd(MapTransform):
+    """Give infection voxels outside a lung mask the label of the lung their component touches.
+
+    Lung masks include their lesions (as in COVID-19-CT-Seg), but an HU-threshold mask misses consolidation as dense
+    as soft tissue. After :class:`RestrictToLungsd` every infection component touches a lung; this transform adds
+    its voxels to that lung (the most frequent lung label around the component), so that the lung volume and the
+    percentage of lung involved count the consolidated lung too.
+
+    Args:
+        keys: lung mask key(s), ``(1, X, Y, Z)`` labels (0 background, 1 left, 2 right).
+        infection_key: key of the binary infection mask, same shape.
+        allow_missing_keys: don't raise when a key is missing.
+
+    Example:
+        >>> AddInfectionToLungsd("lungs", infection_key="pred")({"lungs": lungs, "pred": pred})  # doctest: +SKIP
+    """
+
+    def __init__(self, keys: KeysCollection, infection_key: str = "pred", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.infection_key = infection_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        infection = _as_numpy(d[self.infection_key])[0] > 0
+        for key in self.key_iterator(d):
+            lungs_value = d[key]
+            lungs = _as_numpy(lungs_value)[0].astype(np.uint8)
+            outside = infection & (lungs == 0)
+            if outside.any():
+                lungs = lungs.copy()
+                structure = np.ones((3,) * lungs.ndim, dtype=bool)
+                labels, _ = ndimage.label(infection, structure=structure)
+                boxes = ndimage.find_objects(labels)
+                for index in np.unique(labels[outside]):
+                    box = tuple(
+                        slice(max(b.start - 1, 0), min(b.stop + 1, n))
+                        for b, n in zip(boxes[index - 1], lungs.shape, strict=True)
+                    )
+                    component, lung_box = labels[box] == index, lungs[box]
+                    near = ndimage.binary_dilation(component, structure)
+                    around = lung_box[near & (lung_box > 0)]
+                    if around.size:
+                        lung_box[component & (lung_box == 0)] = np.bincount(around).argmax()
+            d[key], *_ = convert_to_dst_type(lungs[None], lungs_value, dtype=np.uint8)
+        return d
+
+
+class ValidateCTd(MapTransform):
+    """Check a loaded, channel-first scan before any work is spent on it.
+
+    Raises a ``ValueError`` naming the file and the problem for: a channel count other than 1 (a 4D series with
+    several volumes), fewer than 3 spatial dimensions (a 2D image), more than ``max_voxels`` voxels, non-finite
+    voxels (NaN, Inf), a constant volume, and a singular affine. Intensities that do not look like Hounsfield units
+    (no air below ``-500`` or a range under 200) are allowed through with a warning appended to
+    ``data["warnings"]``, which the batch runner writes to the summary.
+
+    Args:
+        keys: image key(s), channel-first MetaTensors as produced by ``LoadImaged`` + ``EnsureChannelFirstd``.
+        expect_hu: whether the pipeline expects CT in Hounsfield units (the non-HU warning).
+        max_voxels: largest accepted volume (voxels); larger ones are refused up front rather than exhausting memory.
+        allow_missing_keys: don't raise when a key is missing.
+
+    Example:
+        >>> ValidateCTd("image", expect_hu=True)(data)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        expect_hu: bool = True,
+        max_voxels: int = 400_000_000,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.expect_hu = expect_hu
+        self.max_voxels = int(max_voxels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        notes = list(d.get("warnings", []))
+        for key in self.key_iterator(d):
+            image = d[key]
+            meta = getattr(image, "meta", {}) or {}
+            name = str(meta.get("filename_or_obj", key))
+            shape = tuple(int(s) for s in image.shape)
+            spatial = shape[1:]
+            if len(spatial) != 3 or sum(s > 1 for s in spatial) < 2:
+                raise ValueError(f"{name}: not a 3D volume (shape {shape[1:] if shape[0] == 1 else shape})")
+            if shape[0] != 1:
+                raise ValueError(f"{name}: {shape[0]} volumes in one file (a 4D series); give one 3D volume")
+            if math.prod(spatial) > self.max_voxels:
+                raise ValueError(
+                    f"{name}: {'x'.join(map(str, spatial))} voxels is larger than the limit of {self.max_voxels:,}"
+                )
+            affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+            if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+                raise ValueError(f"{name}: singular or non-finite affine, the voxel geometry is undefined")
+            tensor = torch.as_tensor(image)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"{name}: {bad} voxels are NaN or infinite")
+            low, high = float(tensor.min()), float(tensor.max())
+            if low == high:
+                raise ValueError(f"{name}: every voxel has the same value ({low:g}); the volume is empty")
+            if self.expect_hu and (low > -500 or high - low < 200):
+                notes.append(f"intensities {low:g}..{high:g} do not look like Hounsfield units")
+        if notes:
+            d["warnings"] = notes
+        return d
