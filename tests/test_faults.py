@@ -161,3 +161,22 @@ def test_fuzzed_nifti_gives_mask_with_geometry_or_clean_error(tmp_path_factory, 
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
     else:
         assert result.status == "failed" and result.error and "\n" not in result.error
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, random_bundle):
+    import shutil
+
+    from covid_monai.inference import BatchSegmenter
+
+    marker = tmp_path / "owned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(random_bundle, bundle)
+    torch.save({"model": Exploit()}, bundle / "models" / "model.pt")
+    with pytest.raises(ValueError, match="not a loadable weights-only checkpoint"):
+        BatchSegmenter(bundle, device="cpu")
+    assert not marker.exists(), "the pickle's code ran"
