@@ -36,6 +36,7 @@ from scipy import ndimage
 __all__ = [
     "LEFT_LUNG",
     "RIGHT_LUNG",
+    "AboveOrAll",
     "AddInfectionToLungsd",
     "LungMaskd",
     "RestrictToLungsd",
@@ -691,3 +692,27 @@ class ValidateCTd(MapTransform):
         if notes:
             d["warnings"] = notes
         return d
+
+
+class AboveOrAll:
+    """A ``select_fn`` for ``CropForegroundd``: voxels above ``threshold``, or every voxel when there are none.
+
+    MONAI's ``CropForegroundd`` crops to an empty box when nothing is selected; with this function a scan without
+    body or without lungs is processed whole instead of failing. Picklable, so it works in DataLoader workers.
+
+    Args:
+        threshold: voxels strictly above it are foreground.
+
+    Example:
+        >>> CropForegroundd(keys="image", source_key="lungs", select_fn=AboveOrAll(0))  # doctest: +SKIP
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = float(threshold)
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Boolean foreground mask of ``x``."""
+        selected = x > self.threshold
+        if not selected.any():
+            selected = selected | True
+        return selected
