@@ -142,3 +142,18 @@ def test_knobs_shared_by_train_and_inference_agree():
     shared = (set(train) & set(infer)) - {"dataset_dir"}  # where the data lives differs by purpose
     assert {"pixdim", "hu_window", "network_width", "network_norm", "in_channels", "threshold"} <= shared
     assert {k: train[k] for k in shared} == {k: infer[k] for k in shared}
+
+
+@pytest.mark.parametrize(
+    ("override", "loss", "metric"),
+    [("seed_bce_accuracy.json", "BCEWithLogitsLoss", "val_accuracy"), ("seed_bce_iou.json", "BCEWithLogitsLoss",
+     "val_mean_iou"), ("seed_dice_dice.json", "DiceLoss", "val_mean_dice")],
+)
+def test_seed_model_configs(tmp_path, override, loss, metric):
+    bundle = create_bundle(tmp_path / "b")
+    (bundle / "configs" / "datalist.json").write_text('{"training": [], "validation": []}')
+    parser = load_config(bundle, ["train.json", override], {"device": "cpu"})
+    assert type(parser.get_parsed_content("loss")).__name__ == loss
+    assert list(parser.get_parsed_content("validate#key_metric")) == [metric]
+    network = parser.get_parsed_content("network_def")
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in network.modules())
