@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.bundle import ConfigParser
 
 from covid_monai.io import atomic_write_text
@@ -23,6 +25,7 @@ __all__ = [
     "create_bundle",
     "load_config",
     "read_knobs",
+    "resolve_device",
     "run_workflow",
     "validate_override_value",
 ]
@@ -194,3 +197,20 @@ def create_bundle(
         shutil.copytree(docs, out / "docs", dirs_exist_ok=True)
     return out
 
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU if there is one, else the CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ValueError: for an unknown name or a CUDA device that is not there.
+    """
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValueError(f"device {name} is not available on this machine")
+    return device

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from monai.utils import set_determinism
 
-from covid_monai.bundle import load_config
+from covid_monai.bundle import load_config, resolve_device
 from covid_monai.errors import one_line
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
@@ -39,7 +39,6 @@ __all__ = [
     "CaseResult",
     "discover_cases",
     "output_paths",
-    "resolve_device",
 ]
 
 logger = logging.getLogger("covid_monai.inference")
@@ -196,24 +195,6 @@ def output_paths(out_dir: str | os.PathLike, case: str) -> dict[str, Path]:
         "lungs": out / f"{case}_lungs.nii.gz",
         "preview": out / f"{case}_preview.png",
     }
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → the first CUDA GPU if there is one, else the CPU; otherwise ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Raises:
-        ValueError: for an unknown name or a CUDA device that is not there.
-    """
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
-    device = torch.device(name)
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ValueError(f"device {name} is not available on this machine")
-    return device
 
 
 class _CaseDataset(torch.utils.data.Dataset):

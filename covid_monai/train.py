@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from covid_monai.bundle import create_bundle, load_config, run_workflow
+from covid_monai.bundle import create_bundle, load_config, resolve_device, run_workflow
 from covid_monai.datalist import build_datalist, check_training_data, write_datalist
 from covid_monai.handlers import atomic_torch_save, check_resume_checkpoint
-from covid_monai.inference import resolve_device
 
 __all__ = ["train_bundle"]
 
