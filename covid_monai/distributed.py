@@ -1,6 +1,9 @@
-"""Sharded batch inference on PyTorch's distributed engine: ``torchrun`` starts the processes, each segments a share.
+"""Scale out on PyTorch's distributed engine: ``torchrun`` starts the processes, each does a share of the work.
 
-Every process (rank) discovers the same sorted cases and segments ``cases[rank::world_size]`` with
+Training runs the bundle itself (``configs/multi_gpu_train.json``: DistributedDataParallel, DistributedSampler);
+:func:`prepare_training` makes the bundle folder it runs in. Sharded batch inference is :func:`run_sharded_batch`.
+
+In sharded inference every process (rank) discovers the same sorted cases and segments ``cases[rank::world_size]`` with
 :func:`covid_monai.inference.run_batch` (one model load per rank, atomic outputs, finished cases skipped), keeping
 its own ``summary.shard<rank>.json``/``.csv``. Rank 0 prepares the output folder before the ranks start and, once
 all are done, merges the shard summaries into the one ``summary.csv``/``summary.json`` a single-process run writes.
@@ -11,7 +14,12 @@ One node, two processes (the command the tests run)::
     torchrun --standalone --nproc_per_node=2 -m covid_monai.distributed infer /data/scans -o /data/masks \\
         --bundle demo_output/bundle --device cpu --lungs
 
-Several nodes: the same command on every node with ``--nnodes N --nproc_per_node G --rdzv_backend c10d
+Training (in a folder made by ``python -m covid_monai.distributed prepare-train --data D --out B``)::
+
+    torchrun --standalone --nproc_per_node=2 -m monai.bundle run \\
+        --config_file "['configs/train.json','configs/multi_gpu_train.json']"
+
+Several nodes: the same commands on every node with ``--nnodes N --nproc_per_node G --rdzv_backend c10d
 --rdzv_endpoint HOST:PORT --rdzv_id JOB`` instead of ``--standalone`` (see ``docs/scaling.md``).
 """
 
@@ -30,6 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from covid_monai.bundle import create_bundle
+from covid_monai.datalist import build_datalist, check_training_data, write_datalist
 from covid_monai.errors import one_line
 from covid_monai.inference import (
     CaseResult,
@@ -47,6 +57,7 @@ __all__ = [
     "distributed_context",
     "main",
     "merge_shard_summaries",
+    "prepare_training",
     "rank_device",
     "run_sharded_batch",
 ]
@@ -106,6 +117,43 @@ def backend_for(device: torch.device) -> str:
         'gloo'
     """
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def prepare_training(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    knobs: Mapping[str, Any] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """Make a bundle folder ready for multi-process training: configs with the knobs, a checked datalist.
+
+    The same folder ``covid_monai.train.train_bundle`` trains in, without training: the knobs are written into
+    its configs (so its ``inference.json`` rebuilds the trained pipeline) and ``configs/datalist.json`` is
+    checked first. Then ``torchrun ... -m monai.bundle run --config_file "['configs/train.json',
+    'configs/multi_gpu_train.json']"`` in that folder trains it.
+
+    Args:
+        data: ``images/``+``labels/`` folder, or a Decathlon-style datalist JSON.
+        out: the bundle folder to write.
+        knobs: top-level bundle settings (``epochs``, ``batch_size``, ``network_width``...).
+        val_fraction: share of cases held out for validation when ``data`` has no validation list.
+        seed: seed of the split and of training.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        covid_monai.datalist.DataCheckError: listing every problem found in the data.
+
+    Example:
+        >>> prepare_training("/data/covid19_ct", "my_bundle", {"epochs": 100, "val_interval": 5})
+    """
+    datalist = build_datalist(data, val_fraction=val_fraction, seed=seed)
+    check_training_data(datalist)
+    bundle = create_bundle(out, {"seed": seed, **(knobs or {})})
+    write_datalist(datalist, bundle / "configs" / "datalist.json")
+    return bundle
 
 
 def _shard_files(out: Path) -> list[Path]:
@@ -296,6 +344,11 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Segment many scans with several processes (torchrun); one merged summary.csv.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare-train", help="make a bundle folder to train with torchrun (no training)")
+    p.add_argument("--data", type=Path, required=True, help="folder with images/ and labels/, or a datalist JSON")
+    p.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share when splitting (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("infer", help="sharded batch inference (every rank segments cases[rank::world_size])")
     p.add_argument("inputs", nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder (shared by all ranks)")
@@ -319,7 +372,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["infer", "scans/", "-o", "masks/", "--bundle", "demo_output/bundle", "--device", "cpu"])
         0
     """
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "prepare-train":
+        return _prepare_train(parser, args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     rank = distributed_context()[0]
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
     try:
@@ -340,6 +398,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r.status == "failed":
             print(f"  FAILED {r.input}: {r.error}")
     return 1 if counts["failed"] else 0
+
+
+def _prepare_train(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> int:
+    from covid_monai.cli import UsageError, parse_overrides
+
+    try:
+        knobs = parse_overrides(extra)
+    except UsageError as exc:
+        parser.error(str(exc))
+    try:
+        bundle = prepare_training(args.data, args.out, knobs, args.val_fraction, args.seed)
+    except Exception as exc:  # noqa: BLE001 - one clear line (all data problems, for a data check)
+        print(f"covid_monai.distributed prepare-train: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"bundle ready: {bundle}; train it from that folder with\n  torchrun --standalone --nproc_per_node=N "
+          f"-m monai.bundle run --config_file \"['configs/train.json','configs/multi_gpu_train.json']\"")
+    return 0
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def test_create_bundle_rejects_unknown_knobs_and_code(tmp_path):
 
 def test_knobs_shared_by_train_and_inference_agree():
     train, infer = read_knobs(TEMPLATE_BUNDLE, "train.json"), read_knobs(TEMPLATE_BUNDLE, "inference.json")
-    shared = (set(train) & set(infer)) - {"dataset_dir"}  # where the data lives differs by purpose
+    shared = (set(train) & set(infer)) - {"dataset_dir", "amp"}  # data location and precision differ by purpose
     assert {"pixdim", "hu_window", "network_width", "network_norm", "in_channels", "threshold"} <= shared
     assert {k: train[k] for k in shared} == {k: infer[k] for k in shared}
 
