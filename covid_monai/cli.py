@@ -114,6 +114,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="allow an output folder inside an input folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="under torchrun: split the cases across the processes, one merged summary (see docs/scaling.md)",
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -180,7 +185,12 @@ def _cmd_infer(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         knobs["min_lesion_ml"] = args.min_lesion_ml
     if args.no_postprocess:
         knobs.update(restrict_to_lungs=False, min_lesion_ml=0.0)
-    results = run_batch(
+    runner = run_batch
+    if args.distributed:
+        from covid_monai.distributed import run_sharded_batch
+
+        runner = run_sharded_batch
+    results = runner(
         inputs,
         args.output,
         args.bundle,
