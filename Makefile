@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/covid-monai demo --out demo_output
 
 lint: $(STAMP)
-	$(PY) -m ruff check covid_monai tests scripts benchmarks
+	$(PY) -m ruff check .
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider
