@@ -260,11 +260,14 @@ class BatchSegmenter:
         self.save_preview = save_preview
         self.device = resolve_device(device)
         self.num_workers = num_workers
-        knobs = dict(overrides or {})
-        knobs["device"] = f"$torch.device('{self.device}')"
-        knobs["keep_probability"] = save_probabilities
-        knobs["keep_original"] = save_preview
-        self.parser = load_config(self.bundle_dir, ["inference.json"], knobs)
+        self.parser = load_config(self.bundle_dir, ["inference.json"])
+        unknown = sorted(k for k in (overrides or {}) if k.split("#")[0] not in self.parser)
+        if unknown:
+            raise ValueError(f"{self.bundle_dir}: inference.json has no setting {', '.join(unknown)}")
+        knobs = {**(overrides or {}), "device": f"$torch.device('{self.device}')"}
+        knobs.update(keep_probability=save_probabilities, keep_original=save_preview)
+        for key, value in knobs.items():
+            self.parser[key] = value
         ckpt = Path(self.parser.get_parsed_content("ckpt_path"))
         if not ckpt.is_file():
             raise FileNotFoundError(f"{self.bundle_dir}: no trained weights at {ckpt}")

@@ -79,3 +79,10 @@ def test_evaluate_command(tmp_path, phantoms, capsys):
     assert len(rows) == 5 and rows[0].startswith("case,dice")
     dice = [float(r.split(",")[1]) for r in rows[1:]]
     assert np.allclose(dice, 1.0)
+
+
+def test_infer_refuses_unknown_setting(tmp_path, random_bundle, phantoms, capsys):
+    code = main(["infer", str(phantoms / "images" / "phantom_000.nii.gz"), "-o", str(tmp_path / "out"), "--bundle",
+                 str(random_bundle), "--device", "cpu", "--quiet", "--treshold", "0.3"])
+    assert code == 1
+    assert "no setting treshold" in capsys.readouterr().err
