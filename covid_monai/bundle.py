@@ -171,7 +171,7 @@ def create_bundle(
         The bundle folder.
 
     Raises:
-        KeyError: when a knob is defined by none of the configs (a typo must not pass silently).
+        ValueError: when a knob is defined by none of the configs (a typo must not pass silently).
     """
     out = Path(out_dir)
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def create_bundle(
             shutil.copyfile(src, dst)
     unknown = sorted(set(knobs) - used)
     if unknown:
-        raise KeyError(f"unknown bundle setting(s): {', '.join(unknown)} (not a top-level id of any config)")
+        raise ValueError(f"unknown bundle setting(s): {', '.join(unknown)} (not a top-level id of any config)")
     docs = Path(template) / "docs"
     if docs.is_dir():
         shutil.copytree(docs, out / "docs", dirs_exist_ok=True)

@@ -129,7 +129,7 @@ def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):
 
 
 def test_create_bundle_rejects_unknown_knobs_and_code(tmp_path):
-    with pytest.raises(KeyError, match="netwrok_width"):
+    with pytest.raises(ValueError, match="netwrok_width"):
         create_bundle(tmp_path / "b", {"netwrok_width": 8})
     with pytest.raises(ValueError, match="code or references"):
         create_bundle(tmp_path / "c", {"epochs": "$__import__('os').system('true')"})
