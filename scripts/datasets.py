@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import http.client
 import json
@@ -38,7 +37,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -48,6 +47,8 @@ from urllib.request import Request, url2pathname, urlopen
 
 import nibabel as nib
 import numpy as np
+
+from covid_monai.io import atomic_path, atomic_write_text, nifti_stem  # noqa: F401 - re-exported for the scripts
 
 __all__ = [
     "ChecksumError",
@@ -433,20 +434,6 @@ def _is_junk(path: PurePosixPath) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------- NIfTI
-def nifti_stem(path: str | os.PathLike) -> str:
-    """File name without ``.nii``/``.nii.gz``.
-
-    Example:
-        >>> nifti_stem("raw/Infection_Mask/coronacases_001.nii.gz")
-        'coronacases_001'
-    """
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def find_nifti(root: str | os.PathLike) -> list[Path]:
     """NIfTI files (``.nii``, ``.nii.gz``) under ``root``, recursively, sorted; hidden files and macOS forks skipped.
 
@@ -493,41 +480,6 @@ def read_array(image: nib.Nifti1Image, path: str | os.PathLike = "") -> np.ndarr
         return np.asanyarray(image.dataobj)
     except Exception as exc:  # noqa: BLE001
         raise DatasetError(f"{path}: voxel data cannot be read ({' '.join(str(exc).split())[:200]})") from exc
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on failure it is removed.
-
-    The temporary name starts with a dot and keeps the final suffix (``.nii.gz``, ``.json``), so writers pick the
-    format from it and a crash never leaves an incomplete file under the final name.
-
-    Example:
-        >>> with atomic_path("out/images/case.nii.gz") as tmp:
-        ...     nib.save(image, tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file in the same folder, then ``os.replace``).
-
-    Example:
-        >>> atomic_write_text("out/README.md", "# Prepared data\\n")
-    """
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
