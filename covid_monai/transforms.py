@@ -585,12 +585,13 @@ def _components_touching(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 class AddInfectionToLungsd(MapTransform):
-    """Give infection voxels outside a lung mask the label of the lung their component touches.
+    """Give infection voxels outside a lung mask the label of the nearest lung.
 
     Lung masks include their lesions (as in COVID-19-CT-Seg), but an HU-threshold mask misses consolidation as dense
     as soft tissue. After :class:`RestrictToLungsd` every infection component touches a lung; this transform adds
-    its voxels to that lung (the most frequent lung label around the component), so that the lung volume and the
-    percentage of lung involved count the consolidated lung too.
+    its voxels outside the mask to the nearest lung (Euclidean distance in voxels, within the bounding box of those
+    voxels plus a margin), so that lung volumes and the percentage of lung involved count consolidated lung too,
+    and a component that touches both lungs is shared between them.
 
     Args:
         keys: lung mask key(s), ``(1, X, Y, Z)`` labels (0 background, 1 left, 2 right).
@@ -612,21 +613,21 @@ class AddInfectionToLungsd(MapTransform):
             lungs_value = d[key]
             lungs = _as_numpy(lungs_value)[0].astype(np.uint8)
             outside = infection & (lungs == 0)
-            if outside.any():
+            if outside.any() and lungs.any():
                 lungs = lungs.copy()
-                structure = np.ones((3,) * lungs.ndim, dtype=bool)
-                labels, _ = ndimage.label(infection, structure=structure)
-                boxes = ndimage.find_objects(labels)
-                for index in np.unique(labels[outside]):
-                    box = tuple(
-                        slice(max(b.start - 1, 0), min(b.stop + 1, n))
-                        for b, n in zip(boxes[index - 1], lungs.shape, strict=True)
+                coords = np.nonzero(outside)
+                box = tuple(
+                    slice(max(int(c.min()) - 8, 0), min(int(c.max()) + 9, n))
+                    for c, n in zip(coords, lungs.shape, strict=True)
+                )
+                lung_box = lungs[box]
+                if lung_box.any():
+                    nearest = ndimage.distance_transform_edt(
+                        lung_box == 0, return_distances=False, return_indices=True
                     )
-                    component, lung_box = labels[box] == index, lungs[box]
-                    near = ndimage.binary_dilation(component, structure)
-                    around = lung_box[near & (lung_box > 0)]
-                    if around.size:
-                        lung_box[component & (lung_box == 0)] = np.bincount(around).argmax()
+                    labels = lung_box[tuple(nearest)]
+                    grow = outside[box]
+                    lung_box[grow] = labels[grow]
             d[key], *_ = convert_to_dst_type(lungs[None], lungs_value, dtype=np.uint8)
         return d
 

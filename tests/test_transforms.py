@@ -328,6 +328,16 @@ def test_add_infection_to_lungs_joins_the_touching_lung():
     assert out.sum() - lungs.sum() == RIGHT_LUNG * (3 * 4 * 2)
 
 
+def test_add_infection_shares_a_component_touching_both_lungs():
+    lungs = np.zeros((1, 30, 10, 4), dtype=np.uint8)
+    lungs[0, 0:10] = RIGHT_LUNG
+    lungs[0, 20:30] = LEFT_LUNG
+    pred = np.zeros_like(lungs)
+    pred[0, 8:22, 4:6, 1:3] = 1  # one blob bridging the mediastinum
+    out = np.asarray(AddInfectionToLungsd("lungs", infection_key="pred")({"lungs": lungs, "pred": pred})["lungs"])
+    assert (out[0, 10:15, 4:6, 1:3] == RIGHT_LUNG).all() and (out[0, 15:20, 4:6, 1:3] == LEFT_LUNG).all()
+
+
 def _scan(array, affine=None, name="scan.nii.gz"):
     return {"image": MetaTensor(torch.as_tensor(array), affine=torch.eye(4) if affine is None else affine,
                                 meta={"filename_or_obj": name})}
