@@ -474,17 +474,19 @@ class RestrictToLungsd(MapTransform):
     """Remove predicted infection outside a lung mask that is first dilated by ``margin_mm``.
 
     With ``mode="components"`` (default) each 3D connected component of the prediction (26-connectivity) is kept
-    whole when it touches the dilated lung mask and removed otherwise: a consolidation at the chest wall, which an
-    HU-threshold lung mask cuts because it is as dense as the wall, stays complete, while false positives in the
-    body wall, the heart or the bowel go. ``mode="voxels"`` zeroes every voxel outside the dilated mask. The
-    dilation is Euclidean in mm, using the voxel size of the lung mask (MetaTensor affine), else of the prediction,
-    else ``pixdim``.
+    when it touches the dilated lung mask (up to ``max_distance_mm`` from the lungs) and removed otherwise: a
+    consolidation at the chest wall, which an HU-threshold lung mask cuts because it is as dense as the wall, stays
+    complete, while false positives in the body wall, the heart or the bowel go. ``mode="voxels"`` zeroes every
+    voxel outside the dilated mask. Distances are Euclidean in mm, using the voxel size of the lung mask
+    (MetaTensor affine), else of the prediction, else ``pixdim``.
 
     Args:
         keys: prediction key(s), channel-first ``(C, X, Y, Z)`` arrays or tensors.
         lung_key: key of the lung mask ``(1, X, Y, Z)`` (any value > 0 is lung), e.g. written by :class:`LungMaskd`.
         margin_mm: dilation of the lung mask in mm before masking (0: no dilation).
         mode: ``"components"`` (keep whole components that touch the lungs) or ``"voxels"``.
+        max_distance_mm: in ``"components"`` mode, voxels of a touching component farther than this from the lung
+            mask are still removed (a false positive in the liver that touches a lung base does not survive whole).
         pixdim: voxel size (mm) when neither the lung mask nor the prediction is a MetaTensor.
         empty_lungs: what to do when the lung mask is empty: ``"keep"`` the prediction unchanged (and warn; an
             empty mask is far more often a failed lung mask than a scan without lungs) or ``"zero"`` it.
@@ -501,6 +503,7 @@ class RestrictToLungsd(MapTransform):
         lung_key: str = "lungs",
         margin_mm: float = 3.0,
         mode: str = "components",
+        max_distance_mm: float = 30.0,
         pixdim: Sequence[float] | None = None,
         empty_lungs: str = "keep",
         allow_missing_keys: bool = False,
@@ -509,6 +512,7 @@ class RestrictToLungsd(MapTransform):
         if mode not in ("components", "voxels"):
             raise ValueError(f"mode must be 'components' or 'voxels', got {mode!r}.")
         self.mode = mode
+        self.max_distance_mm = float(max_distance_mm)
         if empty_lungs not in ("keep", "zero"):
             raise ValueError(f"empty_lungs must be 'keep' or 'zero', got {empty_lungs!r}.")
         if margin_mm < 0:
@@ -526,17 +530,18 @@ class RestrictToLungsd(MapTransform):
             return np.asarray(ensure_tuple_rep(self.pixdim, ndim), dtype=np.float64)
         return np.ones(ndim, dtype=np.float64)
 
-    def _allowed(self, lungs: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    def _allowed(self, lungs: np.ndarray, spacing: np.ndarray, margin_mm: float | None = None) -> np.ndarray:
         """The lung mask dilated by ``margin_mm`` (distance transform on the padded bounding box only)."""
-        if self.margin_mm == 0:
+        margin_mm = self.margin_mm if margin_mm is None else margin_mm
+        if margin_mm == 0:
             return lungs
         box = ndimage.find_objects(lungs.astype(np.uint8))[0]
-        margin = [int(math.ceil(self.margin_mm / s)) + 1 for s in spacing]
+        margin = [int(math.ceil(margin_mm / s)) + 1 for s in spacing]
         crop = tuple(
             slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margin, lungs.shape, strict=True)
         )
         allowed = np.zeros_like(lungs)
-        allowed[crop] = ndimage.distance_transform_edt(~lungs[crop], sampling=spacing) <= self.margin_mm
+        allowed[crop] = ndimage.distance_transform_edt(~lungs[crop], sampling=spacing) <= margin_mm
         return allowed
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -564,7 +569,12 @@ class RestrictToLungsd(MapTransform):
                 allowed = lungs
             elif allowed is None:
                 allowed = self._allowed(lungs, self._spacing(lungs_value, pred, lungs.ndim))
-            keep = allowed[None] if self.mode == "voxels" else _components_touching(array > 0, allowed)
+            if self.mode == "voxels":
+                keep = allowed[None]
+            else:  # whole touching components, but not beyond max_distance_mm from the lungs
+                spacing = self._spacing(lungs_value, pred, lungs.ndim)
+                reach = self._allowed(lungs, spacing, self.max_distance_mm) if lungs.any() else lungs
+                keep = _components_touching(array > 0, allowed) & reach[None]
             if isinstance(pred, torch.Tensor):
                 d[key] = pred * torch.as_tensor(keep, device=pred.device).to(pred.dtype)
             else:
