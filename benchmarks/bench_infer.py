@@ -40,6 +40,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, write_result  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_infer.json"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "covid_monai_bench"
@@ -142,17 +144,6 @@ def tail(path: Path, n: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -485,11 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "Machines are noisy: compare ratios from the same run, not absolute times across runs.",
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(result)
-    print(f"\nresults -> {args.out}")
-    return 0
+    return write_result(result, args.out, print_table)
 
 
 if __name__ == "__main__":

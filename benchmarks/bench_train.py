@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_model, write_result  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_train.json"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "covid_monai_bench_train"
@@ -53,17 +55,6 @@ def peak_rss_mb() -> float | None:
     except OSError:
         pass
     return None
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def stats(values: list[float]) -> dict[str, float | None]:
@@ -392,11 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             "Machines are noisy: compare ratios from the same run.",
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print_table(doc)
-    print(f"\nresults -> {args.out}")
-    return 0
+    return write_result(doc, args.out, print_table)
 
 
 if __name__ == "__main__":

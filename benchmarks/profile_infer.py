@@ -41,7 +41,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_infer import cpu_model, make_bundle, make_input  # noqa: E402
+from _common import cpu_model  # noqa: E402
+from bench_infer import make_bundle, make_input  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "profile_infer.json"
