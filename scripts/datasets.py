@@ -66,6 +66,8 @@ __all__ = [
     "kfold_groups",
     "load_nifti",
     "nifti_stem",
+    "CASE_COLUMNS",
+    "cases_section",
     "obtain",
     "parse_checksum",
     "read_mask",
@@ -873,3 +875,51 @@ def check_output_folder(out: Path, inputs: Sequence[str | os.PathLike]) -> None:
         path = Path(folder).resolve()
         if path.is_dir() and (target == path or target.is_relative_to(path)):
             raise DatasetError(f"--out {out}: inside the input folder {folder}; choose another output folder")
+
+
+def _shape(entry: Mapping[str, Any]) -> str:
+    return "x".join(map(str, entry["shape"]))
+
+
+def _spacing(entry: Mapping[str, Any]) -> str:
+    return " x ".join(f"{s:g}" for s in entry["spacing"])
+
+
+def _source_values(entry: Mapping[str, Any]) -> str:
+    low, high = entry["source_range"]
+    return f"{low:g}..{high:g}"
+
+
+CASE_COLUMNS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "shape": _shape,
+    "spacing (mm)": _spacing,
+    "source values": _source_values,
+}
+"""Columns every prepared dataset's README case table can show, by header."""
+
+
+def cases_section(
+    entries: Mapping[str, Mapping[str, Any]],
+    failed: Mapping[str, str],
+    columns: Mapping[str, Callable[[Mapping[str, Any]], str]],
+) -> list[str]:
+    """The README lines listing prepared cases (one table row each) and the cases that could not be prepared.
+
+    Args:
+        entries: per-case manifest entries.
+        failed: case name -> reason.
+        columns: table header -> function of a case's entry giving the cell text (see :data:`CASE_COLUMNS`).
+
+    Returns:
+        Markdown lines.
+
+    Example:
+        >>> cases_section({"a": {"shape": [2, 2, 1]}}, {}, {"shape": CASE_COLUMNS["shape"]})[-1]
+        '| a | 2x2x1 |'
+    """
+    lines = ["## Cases", "", "| case | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for case, entry in sorted(entries.items()):
+        lines.append(f"| {case} | " + " | ".join(cell(entry) for cell in columns.values()) + " |")
+    if failed:
+        lines += ["", "## Not prepared", ""] + [f"- {case}: {reason}" for case, reason in sorted(failed.items())]
+    return lines

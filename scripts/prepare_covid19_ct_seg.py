@@ -65,11 +65,13 @@ if __package__ in (None, ""):  # run as a file: make the `scripts` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.datasets import (  # noqa: E402
+    CASE_COLUMNS,
     DatasetError,
     RemoteFile,
     add_common_arguments,
     atomic_write_json,
     atomic_write_text,
+    cases_section,
     check_output_folder,
     extract_zip,
     find_nifti,
@@ -401,20 +403,16 @@ def readme(source: str, entries: Mapping[str, Any], failed: Mapping[str, str], s
             "then holds out a fifth of `training` for validation (`--val-fraction`).",
             "",
         ]
-    lines += [
-        "## Cases",
-        "",
-        "| case | shape | spacing (mm) | source values | intensity | infection mL | lung label 1 side |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for case, e in sorted(entries.items()):
-        low, high = e["source_range"]
-        lines.append(
-            f"| {case} | {'x'.join(map(str, e['shape']))} | {' x '.join(f'{s:g}' for s in e['spacing'])} | "
-            f"{low:g}..{high:g} | {e['intensity']} | {e['infection_ml']} | {e.get('lung_label_1_side') or '-'} |"
-        )
-    if failed:
-        lines += ["", "## Not prepared", ""] + [f"- {case}: {reason}" for case, reason in sorted(failed.items())]
+    lines += cases_section(
+        entries,
+        failed,
+        {
+            **CASE_COLUMNS,
+            "intensity": lambda e: str(e["intensity"]),
+            "infection mL": lambda e: str(e["infection_ml"]),
+            "lung label 1 side": lambda e: e.get("lung_label_1_side") or "-",
+        },
+    )
     return "\n".join(lines) + "\n"
 
 

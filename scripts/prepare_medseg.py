@@ -47,11 +47,13 @@ if __package__ in (None, ""):  # run as a file: make the `scripts` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.datasets import (  # noqa: E402
+    CASE_COLUMNS,
     DatasetError,
     RemoteFile,
     add_common_arguments,
     atomic_write_json,
     atomic_write_text,
+    cases_section,
     check_output_folder,
     extract_zip,
     find_nifti,
@@ -284,20 +286,15 @@ def readme(source: str, entries: Mapping[str, Any], failed: Mapping[str, str], s
         + ".",
         "The slices' patients are not published: slice-level splits may put slices of one patient on both sides.",
         "",
-        "## Cases",
-        "",
-        "| case | source | shape | source values | infection voxels | GGO / consolidation / effusion voxels |",
-        "|---|---|---|---|---|---|",
     ]
-    for case, e in sorted(entries.items()):
-        low, high = e["source_range"]
-        counts = " / ".join(str(e["class_voxels"][c]) for c in ("1", "2", "3"))
-        lines.append(
-            f"| {case} | {e['source']} | {'x'.join(map(str, e['shape']))} | {low:g}..{high:g} | "
-            f"{e['infection_voxels']} | {counts} |"
-        )
-    if failed:
-        lines += ["", "## Not prepared", ""] + [f"- {case}: {reason}" for case, reason in sorted(failed.items())]
+    columns = {
+        "source": lambda e: str(e["source"]),
+        "shape": CASE_COLUMNS["shape"],
+        "source values": CASE_COLUMNS["source values"],
+        "infection voxels": lambda e: str(e["infection_voxels"]),
+        "GGO / consolidation / effusion voxels": lambda e: " / ".join(str(e["class_voxels"][c]) for c in "123"),
+    }
+    lines += cases_section(entries, failed, columns)
     return "\n".join(lines) + "\n"
 
 

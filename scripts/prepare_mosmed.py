@@ -40,11 +40,13 @@ if __package__ in (None, ""):  # run as a file: make the `scripts` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.datasets import (  # noqa: E402
+    CASE_COLUMNS,
     DatasetError,
     RemoteFile,
     add_common_arguments,
     atomic_write_json,
     atomic_write_text,
+    cases_section,
     check_output_folder,
     extract_zip,
     find_nifti,
@@ -248,19 +250,8 @@ def readme(source: str, entries: Mapping[str, Any], failed: Mapping[str, str], s
         "  is empty, so `covid-monai train --data <datalist>` holds out a fifth of `training`.",
         "- `splits.json`: the same by case name.",
         "",
-        "## Cases",
-        "",
-        "| case | shape | spacing (mm) | source values | infection mL |",
-        "|---|---|---|---|---|",
     ]
-    for case, e in sorted(entries.items()):
-        low, high = e["source_range"]
-        lines.append(
-            f"| {case} | {'x'.join(map(str, e['shape']))} | {' x '.join(f'{s:g}' for s in e['spacing'])} | "
-            f"{low:g}..{high:g} | {e['infection_ml']} |"
-        )
-    if failed:
-        lines += ["", "## Not prepared", ""] + [f"- {case}: {reason}" for case, reason in sorted(failed.items())]
+    lines += cases_section(entries, failed, {**CASE_COLUMNS, "infection mL": lambda e: str(e["infection_ml"])})
     return "\n".join(lines) + "\n"
 
 
