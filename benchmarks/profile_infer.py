@@ -10,8 +10,9 @@ command line does. Stages:
 - ``lung_mask``: LungMaskd (HU-threshold lung mask at the network's resolution);
 - ``intensity_crop``: ScaleIntensityRanged, CropForegroundd, NormalizeIntensityd, EnsureTyped;
 - ``network``: SliceInferer (every slice through the 2D U-Net);
-- ``postprocess``: Activationsd, AsDiscreted, RestrictToLungsd, AddInfectionToLungsd, RemoveSmallObjectsd;
-- ``invert``: Invertd (undo crop, spacing, orientation for the prediction and the lung mask);
+- ``postprocess``: Activationsd, AsDiscreted, RestrictToLungsd, AddInfectionToLungsd, RemoveSmallObjectsd,
+  CastToTyped (on the network's grid);
+- ``invert``: ToSourceGridd (map the mask and lung labels back to the scan's grid; Invertd in older bundles);
 - ``write``: save_nifti_like (gzip NIfTI, atomic);
 - ``quantify``: quantify_case (volumes, lesion count);
 - ``other``: the rest (model load, config parsing, DataLoader, summary).
@@ -49,13 +50,14 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "profile_infer.json"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "covid_monai_bench"
 
 STAGES = {
-    "read": ["LoadImaged", "EnsureChannelFirstd", "ValidateCTd"],
-    "resample": ["Orientationd", "Spacingd"],
+    "read": ["LoadImaged", "EnsureChannelFirstd", "ValidateCTd", "RecordSourceGridd"],
+    "resample": ["Orientationd", "Spacingd", "Resized"],
     "lung_mask": ["LungMaskd"],
     "intensity_crop": ["ScaleIntensityRanged", "CropForegroundd", "NormalizeIntensityd", "EnsureTyped"],
     "network": ["SliceInferer"],
-    "postprocess": ["Activationsd", "AsDiscreted", "RestrictToLungsd", "AddInfectionToLungsd", "RemoveSmallObjectsd"],
-    "invert": ["Invertd"],
+    "postprocess": ["Activationsd", "AsDiscreted", "RestrictToLungsd", "AddInfectionToLungsd", "RemoveSmallObjectsd",
+                    "CastToTyped"],
+    "invert": ["Invertd", "ToSourceGridd"],
 }
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -106,13 +108,14 @@ def install_timers() -> None:
     import monai.inferers
     import monai.transforms
 
+    import covid_monai.grid
     import covid_monai.inference
     import covid_monai.transforms
 
     for stage, names in STAGES.items():
         for name in names:
-            cls = getattr(covid_monai.transforms, name, None) or getattr(monai.transforms, name, None)
-            cls = cls or getattr(monai.inferers, name)
+            modules = (covid_monai.transforms, covid_monai.grid, monai.transforms, monai.inferers)
+            cls = next(getattr(m, name) for m in modules if hasattr(m, name))
             cls.__call__ = timed(cls.__call__, stage, name)
     covid_monai.inference.save_nifti_like = timed(covid_monai.inference.save_nifti_like, "write", "save_nifti_like")
     covid_monai.inference.quantify_case = timed(covid_monai.inference.quantify_case, "quantify", "quantify_case")

@@ -42,6 +42,17 @@ def _squeeze_channel(array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every true voxel of a 3D mask, or ``None`` for an empty mask."""
+    ranges = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        ranges.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(ranges)
+
+
 def quantify_case(
     infection: np.ndarray, affine: np.ndarray, lungs: np.ndarray | None = None
 ) -> dict[str, float | int | None]:
@@ -81,7 +92,8 @@ def quantify_case(
     """
     inf = _squeeze_channel(infection, "infection") > 0
     voxel_ml = voxel_volume_ml(affine)
-    _, lesions = ndimage.label(inf, structure=np.ones((3, 3, 3), dtype=bool))
+    box = _bounding_box(inf)  # label the infection's box only: the same components, a fraction of the time
+    lesions = ndimage.label(inf[box], structure=np.ones((3, 3, 3), dtype=bool))[1] if box else 0
     n_inf = int(np.count_nonzero(inf))
     result: dict[str, float | int | None] = {
         "voxel_ml": voxel_ml,

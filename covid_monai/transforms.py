@@ -530,19 +530,19 @@ class RestrictToLungsd(MapTransform):
             return np.asarray(ensure_tuple_rep(self.pixdim, ndim), dtype=np.float64)
         return np.ones(ndim, dtype=np.float64)
 
-    def _allowed(self, lungs: np.ndarray, spacing: np.ndarray, margin_mm: float | None = None) -> np.ndarray:
-        """The lung mask dilated by ``margin_mm`` (distance transform on the padded bounding box only)."""
-        margin_mm = self.margin_mm if margin_mm is None else margin_mm
-        if margin_mm == 0:
-            return lungs
+    def _distance(self, lungs: np.ndarray, spacing: np.ndarray, reach_mm: float) -> np.ndarray:
+        """Distance (mm) to the lung mask, computed on the lungs' bounding box padded by ``reach_mm`` only.
+
+        Voxels outside that box get ``inf``; inside, the exact Euclidean distance (0 in the lungs).
+        """
         box = ndimage.find_objects(lungs.astype(np.uint8))[0]
-        margin = [int(math.ceil(margin_mm / s)) + 1 for s in spacing]
+        margin = [int(math.ceil(reach_mm / s)) + 1 for s in spacing]
         crop = tuple(
             slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margin, lungs.shape, strict=True)
         )
-        allowed = np.zeros_like(lungs)
-        allowed[crop] = ndimage.distance_transform_edt(~lungs[crop], sampling=spacing) <= margin_mm
-        return allowed
+        distance = np.full(lungs.shape, np.inf, dtype=np.float32)
+        distance[crop] = ndimage.distance_transform_edt(~lungs[crop], sampling=spacing)
+        return distance
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -551,7 +551,7 @@ class RestrictToLungsd(MapTransform):
         if lungs.ndim == 4:
             lungs = lungs[0]
         lungs = lungs > 0
-        allowed: np.ndarray | None = None
+        distance: np.ndarray | None = None
         for key in self.key_iterator(d):
             pred = d[key]
             array = _as_numpy(pred)
@@ -566,15 +566,16 @@ class RestrictToLungsd(MapTransform):
                         f"RestrictToLungsd: lung mask '{self.lung_key}' is empty; '{key}' left unchanged.", stacklevel=2
                     )
                     continue
-                allowed = lungs
-            elif allowed is None:
-                allowed = self._allowed(lungs, self._spacing(lungs_value, pred, lungs.ndim))
-            if self.mode == "voxels":
-                keep = allowed[None]
-            else:  # whole touching components, but not beyond max_distance_mm from the lungs
-                spacing = self._spacing(lungs_value, pred, lungs.ndim)
-                reach = self._allowed(lungs, spacing, self.max_distance_mm) if lungs.any() else lungs
-                keep = _components_touching(array > 0, allowed) & reach[None]
+                keep = np.zeros((1, *lungs.shape), dtype=bool)
+            else:
+                if distance is None:  # one distance map serves the margin and the reach
+                    reach_mm = self.margin_mm if self.mode == "voxels" else max(self.margin_mm, self.max_distance_mm)
+                    distance = self._distance(lungs, self._spacing(lungs_value, pred, lungs.ndim), reach_mm)
+                allowed = distance <= self.margin_mm
+                if self.mode == "voxels":
+                    keep = allowed[None]
+                else:  # whole touching components, but not beyond max_distance_mm from the lungs
+                    keep = _components_touching(array > 0, allowed) & (distance <= self.max_distance_mm)[None]
             if isinstance(pred, torch.Tensor):
                 d[key] = pred * torch.as_tensor(keep, device=pred.device).to(pred.dtype)
             else:

@@ -1,0 +1,110 @@
+"""Mapping maps from the network's grid back to the scan's grid (covid_monai.grid)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, CropForegroundd, Invertd, Orientationd, Resized, Spacingd
+
+from covid_monai.grid import RecordSourceGridd, ToSourceGridd, resample_separable
+
+
+def _scan(shape=(40, 36, 12), spacing=(0.7, 0.8, 2.5), seed=0) -> MetaTensor:
+    """A smooth random volume stored LPS-like (flipped x and y), with an off-centre origin."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((1, 5, 5, 3)).astype(np.float32)
+    volume = torch.nn.functional.interpolate(torch.from_numpy(coarse)[None], size=shape, mode="trilinear")[0]
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [12.0, -30.0, 100.0]
+    return MetaTensor(volume, affine=torch.as_tensor(affine))
+
+
+def _pipeline() -> Compose:
+    return Compose([
+        RecordSourceGridd("image"),
+        Orientationd("image", axcodes="RAS"),
+        Spacingd("image", pixdim=[1.0, 1.0, -1], mode="bilinear", dtype=torch.float32),
+        CropForegroundd("image", source_key="image", select_fn=lambda x: x > 0.45, margin=[2, 2, 0],
+                        k_divisible=[16, 16, 1]),
+    ])
+
+
+def test_nearest_matches_monai_invertd():
+    pipeline = _pipeline()
+    data = pipeline({"image": _scan()})
+    grid_image = data["image"]
+    mask = (grid_image > 0.5).to(torch.uint8)
+    data["pred"] = MetaTensor(mask.as_tensor(), affine=grid_image.affine, meta=grid_image.meta,
+                              applied_operations=grid_image.applied_operations)
+    monai_back = Invertd("pred", transform=pipeline, orig_keys="image", nearest_interp=True)(dict(data))["pred"]
+    ours = ToSourceGridd("pred")(dict(data))["pred"]
+    assert tuple(ours.shape) == (1, 40, 36, 12) == tuple(monai_back.shape)
+    np.testing.assert_allclose(ours.affine.numpy(), data["source_grid"]["affine"], atol=1e-9)
+    np.testing.assert_allclose(ours.affine.numpy(), monai_back.affine.numpy(), atol=1e-5)
+    agree = (ours.numpy() > 0) == (monai_back.numpy() > 0.5)
+    assert ours.dtype == torch.uint8
+    assert agree.mean() > 0.995  # nearest-neighbour ties on sample boundaries may round the other way
+    assert (ours.numpy() > 0).sum() > 100
+
+
+def test_linear_map_is_exact_through_the_whole_pipeline():
+    """A ramp of each source axis, resampled to the network grid (flip, spacing, crop, resize) and back, returns."""
+    shape = (40, 36, 12)
+    for axis in range(3):
+        ramp = torch.arange(shape[axis], dtype=torch.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        image = MetaTensor(ramp.expand(*shape)[None].clone() + 1.0, affine=_scan().affine)
+        pipeline = Compose([*_pipeline().transforms, Resized("image", spatial_size=[32, 32, -1], mode="bilinear")])
+        data = pipeline({"image": image})
+        back = ToSourceGridd("image", mode="linear")(data)["image"].numpy()[0] - 1.0
+        interior = tuple(slice(2, n - 2) for n in shape)
+        expected = np.broadcast_to(ramp.numpy(), shape)[interior]
+        np.testing.assert_allclose(back[interior], expected, atol=0.02, err_msg=f"axis {axis}")
+
+
+def test_resized_grid_maps_back_to_the_right_place():
+    """After ``Resized`` the map follows the affine MONAI gives the resized image: a ramp of source x comes back."""
+    ramp = torch.arange(40, dtype=torch.float32)[:, None, None].expand(40, 36, 12)[None].clone()
+    image = MetaTensor(ramp, affine=torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0], dtype=torch.float64)))
+    resize = Resized("image", spatial_size=[32, 32, -1], mode="bilinear")
+    data = Compose([RecordSourceGridd("image"), resize])({"image": image})
+    back = ToSourceGridd("image", mode="linear")(data)["image"].numpy()
+    np.testing.assert_allclose(back[0, 2:-2, 5, 5], np.arange(2, 38), atol=0.02)
+    nearest = ToSourceGridd("image")(data)["image"].numpy()
+    assert np.abs(nearest[0, 2:-2, 5, 5] - np.arange(2, 38)).max() <= 0.65  # within half a (1.25-voxel) sample
+
+
+def test_voxels_outside_the_grid_are_zero_and_identity_is_exact():
+    values = np.arange(24, dtype=np.uint8).reshape(1, 2, 3, 4)
+    shifted = np.eye(4)
+    shifted[0, 3] = 1.0  # target voxel x maps to source x + 1
+    out = resample_separable(values, shifted, (2, 3, 4))
+    np.testing.assert_array_equal(out[0, 0], values[0, 1])
+    assert not out[0, 1].any()
+    np.testing.assert_array_equal(resample_separable(values, np.eye(4), (2, 3, 4)), values)
+
+
+def test_permuted_axes():
+    values = np.random.default_rng(0).random((1, 3, 4, 5)).astype(np.float32)
+    swap = np.zeros((4, 4))
+    swap[0, 1] = swap[1, 0] = swap[2, 2] = swap[3, 3] = 1.0  # target (i, j, k) reads source (j, i, k)
+    out = resample_separable(values, swap, (4, 3, 5), mode="linear")
+    np.testing.assert_allclose(out, values.transpose(0, 2, 1, 3))
+
+
+def test_oblique_map_falls_back_to_monai():
+    theta = np.deg2rad(20)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    assert resample_separable(np.zeros((1, 4, 4, 4)), rotation, (4, 4, 4)) is None
+    pred = MetaTensor(torch.ones(1, 8, 8, 4, dtype=torch.uint8), affine=torch.as_tensor(rotation))
+    data = {"pred": pred, "source_grid": {"affine": np.eye(4), "shape": (8, 8, 4)}}
+    out = ToSourceGridd("pred")(data)["pred"]
+    assert tuple(out.shape) == (1, 8, 8, 4) and out.dtype == torch.uint8
+    assert 0 < int(out.sum()) < 8 * 8 * 4  # the rotated square covers part of the target
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="nearest"):
+        resample_separable(np.zeros((1, 2, 2, 2)), np.eye(4), (2, 2, 2), mode="cubic")
