@@ -27,6 +27,7 @@ from monai.utils import set_determinism
 
 from covid_monai.bundle import load_config, resolve_device
 from covid_monai.errors import one_line
+from covid_monai.inferers import autocast_dtype
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
 from covid_monai.preview import SLICER_COLOR_TABLES, save_preview
@@ -274,7 +275,7 @@ class BatchSegmenter:
         self.network = self.parser.get_parsed_content("network")
         self.network.load_state_dict(_load_state_dict(ckpt, self.device))
         self.network.eval()
-        self.autocast_dtype = _autocast_dtype(self.device) if self._knob("amp", False) else None
+        self.autocast_dtype = autocast_dtype(self.device) if self._knob("amp", False) else None
         if self.device.type == "cpu":  # oneDNN convolutions are faster on NHWC tensors
             self.network = self.network.to(memory_format=torch.channels_last)
         self.preprocessing = self.parser.get_parsed_content("preprocessing")
@@ -472,15 +473,6 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision the device runs fast: fp16 on CUDA, bf16 on CPUs with AVX-512 BF16 or AMX, else none."""
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
-    return None
 
 
 def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,92 @@
+"""Inferers of the bundle: mixed precision on CPUs, and test-time flips.
+
+Mixed precision: on CUDA, MONAI's engines do automatic mixed precision themselves (``amp=True``: fp16 with a
+gradient scaler). On CPUs with AVX-512 BF16 or AMX, bf16 autocast with channels-last tensors runs the U-Net 2-3x
+faster than fp32, for training as well as inference; :class:`AutocastInferer` brings that to the training pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.inferers import Inferer, SimpleInferer
+
+__all__ = ["AutocastInferer", "FlipAveragingInferer", "autocast_dtype", "cpu_bf16_supported"]
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The mixed precision a device runs fast: fp16 on CUDA, bf16 on CPUs with native bf16, else ``None``.
+
+    Example:
+        >>> autocast_dtype("cuda")
+        torch.float16
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class AutocastInferer(SimpleInferer):
+    """``SimpleInferer`` that runs the network under CPU bf16 autocast with channels-last inputs.
+
+    Used as the training inferer: the loss is computed in fp32 on the returned logits, the weights and the
+    optimiser stay fp32. It does nothing special on CUDA (there the engine's own ``amp`` applies) or on CPUs
+    without native bf16, so a config can switch it on unconditionally.
+
+    Args:
+        enabled: turn mixed precision on (e.g. the bundle's ``amp`` knob).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__()
+        self.enabled = enabled
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run ``network(inputs)``; on a bf16-capable CPU under bf16 autocast, returning fp32 logits."""
+        if not self.enabled or inputs.device.type != "cpu" or autocast_dtype(inputs.device) is None:
+            return super().__call__(inputs, network, *args, **kwargs)
+        if inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = super().__call__(inputs, network, *args, **kwargs)
+        return outputs.float()
+
+
+class FlipAveragingInferer(Inferer):
+    """Test-time augmentation: average the logits of the input and of its in-plane flips.
+
+    The network sees each flipped input, its output is flipped back and the logits are averaged: a cheap ensemble
+    that smooths a model's left-right and front-back biases.
+
+    Args:
+        inferer: the inferer that runs the network (e.g. a ``SliceInferer`` over axial slices).
+        spatial_axes: flips to add, each a list of spatial axes (0 = X, 1 = Y of a ``(B, C, X, Y, Z)`` volume);
+            an empty list runs the plain inferer only.
+
+    Example:
+        >>> from monai.inferers import SimpleInferer
+        >>> tta = FlipAveragingInferer(SimpleInferer(), spatial_axes=[[0], [1]])  # 3 passes
+    """
+
+    def __init__(self, inferer: Inferer, spatial_axes: list[list[int]] | None = None) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.spatial_axes = [list(axes) for axes in (spatial_axes or [])]
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The mean of ``inferer`` outputs over the identity and the configured flips."""
+        total = self.inferer(inputs, network, *args, **kwargs).float()
+        for axes in self.spatial_axes:
+            dims = [a + 2 for a in axes]
+            flipped = self.inferer(torch.flip(inputs, dims), network, *args, **kwargs).float()
+            total += torch.flip(flipped, dims)
+        return total / (1 + len(self.spatial_axes))

@@ -1,0 +1,59 @@
+"""The bundle's inferers: CPU bf16 autocast for training, and test-time flips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import SimpleInferer, SliceInferer
+
+from covid_monai.inferers import AutocastInferer, FlipAveragingInferer, autocast_dtype
+from covid_monai.networks import seed_unet
+
+needs_bf16 = pytest.mark.skipif(autocast_dtype("cpu") is None, reason="this CPU has no native bf16")
+
+
+def test_autocast_dtype_per_device():
+    assert autocast_dtype("cuda") == torch.float16
+    assert autocast_dtype("cpu") in (torch.bfloat16, None)
+
+
+@needs_bf16
+def test_autocast_inferer_trains_in_bf16_with_fp32_logits():
+    torch.manual_seed(0)
+    network = seed_unet(width=8, norm="batch").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 1, 32, 32)
+    plain = SimpleInferer()(x, network)
+    mixed = AutocastInferer()(x, network)
+    assert mixed.dtype == torch.float32 and mixed.shape == plain.shape
+    assert not torch.equal(mixed, plain)  # it really ran in reduced precision
+    assert torch.allclose(mixed, plain, atol=0.1 * plain.abs().max().item())
+    mixed.mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in network.parameters())
+
+
+def test_autocast_inferer_disabled_is_plain():
+    network = seed_unet(width=8).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(AutocastInferer(enabled=False)(x, network), SimpleInferer()(x, network))
+
+
+def test_flip_averaging_is_the_mean_over_flips():
+    def asymmetric(x: torch.Tensor) -> torch.Tensor:  # not flip-equivariant: a ramp added along X
+        return x + torch.arange(x.shape[2], dtype=x.dtype).reshape(1, 1, -1, 1, 1)
+
+    x = torch.randn(1, 1, 6, 5, 3)
+    tta = FlipAveragingInferer(SimpleInferer(), spatial_axes=[[0], [1]])
+    flip_x = torch.flip(asymmetric(torch.flip(x, [2])), [2])
+    flip_y = torch.flip(asymmetric(torch.flip(x, [3])), [3])
+    torch.testing.assert_close(tta(x, asymmetric), (asymmetric(x) + flip_x + flip_y) / 3)
+    assert torch.equal(FlipAveragingInferer(SimpleInferer())(x, asymmetric), asymmetric(x))
+
+
+def test_flip_averaging_around_slice_inferer_keeps_shape():
+    network = seed_unet(width=8).eval()
+    volume = torch.randn(1, 1, 32, 48, 4)
+    inferer = FlipAveragingInferer(SliceInferer(roi_size=(-1, -1), spatial_dim=2), spatial_axes=[[0], [1], [0, 1]])
+    with torch.no_grad():
+        out = inferer(volume, network)
+    assert out.shape == (1, 1, 32, 48, 4) and out.dtype == torch.float32
