@@ -23,6 +23,7 @@ import json
 import logging
 import platform
 import random
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from covid_monai.bundle import create_bundle  # noqa: E402
 from covid_monai.datalist import write_datalist  # noqa: E402
 from covid_monai.inference import run_batch  # noqa: E402
 from covid_monai.train import train_bundle  # noqa: E402
@@ -62,6 +64,9 @@ RECIPE: dict[str, Any] = {
 """Bundle settings of the recipe (the rest are the bundle's defaults)."""
 
 THRESHOLDS = np.linspace(1.0, 0.0, 256)
+
+INFERENCE_ONLY_KNOBS = ("threshold", "tta_flips", "min_lesion_ml")
+"""Knobs that change inference but not training: ``--reuse-models`` scores them on already trained folds."""
 
 
 def image_metrics(probability: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -122,12 +127,28 @@ def _datalist(root: Path, train: Sequence[str], n_val: int, seed: int) -> dict[s
 
 
 def train_and_score(
-    root: Path, train: Sequence[str], test: Sequence[str], out: Path, knobs: dict[str, Any], seed: int
+    root: Path,
+    train: Sequence[str],
+    test: Sequence[str],
+    out: Path,
+    knobs: dict[str, Any],
+    seed: int,
+    reuse_model: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Train on ``train`` (a tenth validates), segment ``test``, return per-image metrics."""
-    datalist = _datalist(root, train, max(1, len(train) // 8), seed)
-    write_datalist(datalist, out / "datalist.json")
-    bundle = train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed)
+    """Train on ``train`` (an eighth validates), segment ``test``, return per-image metrics.
+
+    With ``reuse_model`` (a fold bundle of an earlier run, same split) nothing is trained: that model segments
+    ``test`` with this run's inference knobs (test-time flips, threshold...), so inference-side changes are scored
+    on the very same trained folds.
+    """
+    if reuse_model is None:
+        datalist = _datalist(root, train, max(1, len(train) // 8), seed)
+        write_datalist(datalist, out / "datalist.json")
+        bundle = train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed)
+    else:  # today's pipeline with this run's knobs, the earlier run's weights
+        bundle = create_bundle(out / "bundle", knobs)
+        (bundle / "models").mkdir(exist_ok=True)
+        shutil.copy2(reuse_model / "models" / "model.pt", bundle / "models" / "model.pt")
     if not test:
         return []
     results = run_batch([root / "images" / f"{n}.nii.gz" for n in test], out / "pred", bundle, device="cpu",
@@ -153,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (quick runs)")
     parser.add_argument("--no-final", action="store_true", help="skip the final training on all slices")
     parser.add_argument("--name", default="recipe", help="experiment name recorded in the results")
+    parser.add_argument("--reuse-models", type=Path, metavar="RUN",
+                        help="an earlier run's OUT: score its fold models with this run's inference knobs "
+                             f"({', '.join(INFERENCE_ONLY_KNOBS)}) instead of training (same --seed and --folds)")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from covid_monai.cli import parse_overrides
@@ -160,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     knobs = {**RECIPE, **parse_overrides(extra), "seed": args.seed}
     if args.epochs:
         knobs["epochs"] = args.epochs
+    if args.reuse_models:
+        earlier = json.loads((args.reuse_models / "results.json").read_text())
+        knobs = {**earlier["knobs"], **{k: v for k, v in knobs.items() if k in INFERENCE_ONLY_KNOBS}}
+        args.no_final = True
     started = time.perf_counter()
     root = args.out / "nifti"
     converted = convert(args.data / "images", root, masks=args.data / "masks")
@@ -168,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, test in enumerate(folds(names, args.folds, args.seed)):
         train = [n for n in names if n not in test]
         fold_started = time.perf_counter()
-        rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed)
+        reuse = args.reuse_models / f"fold{k}" / "bundle" if args.reuse_models else None
+        rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse)
         summary = {m: float(np.mean([r[m] for r in rows])) for m in rows[0] if m != "case"}
         per_fold.append({"fold": k, "n": len(rows), "minutes": (time.perf_counter() - fold_started) / 60, **summary})
         per_image += [{**r, "fold": k} for r in rows]
@@ -177,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fold_means = {m: [f[m] for f in per_fold] for m in metrics}
     result = {
         "experiment": args.name,
+        "reused_models": str(args.reuse_models) if args.reuse_models else None,
         "knobs": knobs,
         "folds": per_fold,
         "mean": {m: float(np.mean([r[m] for r in per_image])) for m in metrics},
