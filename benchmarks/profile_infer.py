@@ -5,8 +5,9 @@ The bundle's transforms, the inferer and the writer are wrapped with timers in t
 ``__call__`` wrappers, no change to the package), then ``covid_monai.inference.run_batch`` segments the scan as the
 command line does. Stages:
 
-- ``read``: LoadImaged, EnsureChannelFirstd, ValidateCTd (decode the NIfTI into a float tensor);
-- ``resample``: Orientationd, Spacingd;
+- ``read``: LoadImaged (also timing covid_monai.io.LoadScand), EnsureChannelFirstd, ValidateCTd (decode the NIfTI
+  into a float tensor);
+- ``resample``: Orientationd, Spacingd, Resized;
 - ``lung_mask``: LungMaskd (HU-threshold lung mask at the network's resolution);
 - ``intensity_crop``: ScaleIntensityRanged, CropForegroundd, NormalizeIntensityd, EnsureTyped;
 - ``network``: SliceInferer (every slice through the 2D U-Net);
@@ -110,11 +111,12 @@ def install_timers() -> None:
 
     import covid_monai.grid
     import covid_monai.inference
+    import covid_monai.io
     import covid_monai.transforms
 
     for stage, names in STAGES.items():
         for name in names:
-            modules = (covid_monai.transforms, covid_monai.grid, monai.transforms, monai.inferers)
+            modules = (covid_monai.transforms, covid_monai.grid, covid_monai.io, monai.transforms, monai.inferers)
             cls = next(getattr(m, name) for m in modules if hasattr(m, name))
             cls.__call__ = timed(cls.__call__, stage, name)
     covid_monai.inference.save_nifti_like = timed(covid_monai.inference.save_nifti_like, "write", "save_nifti_like")

@@ -71,3 +71,27 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     torch.save({"model": Exploit()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="unreadable or unsafe"):
         ResumeCheckpointLoader(tmp_path / "evil.pt", {"model": torch.nn.Linear(2, 1)}).attach(_engine(2))
+
+
+def test_load_scan_matches_load_imaged(tmp_path):
+    """LoadScand gives LoadImaged's values, dtype, affine and meta data, C-ordered, for scaled and 4D NIfTI."""
+    from monai.transforms import LoadImaged
+
+    from covid_monai.io import LoadScand, c_order_float32
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([-0.7, -0.7, 2.0, 1.0])
+    scaled = nib.Nifti1Image(rng.integers(-1024, 2000, (33, 20, 37)).astype(np.int16), affine)
+    scaled.header.set_slope_inter(0.5, -10.0)
+    for name, image in (("scaled", scaled), ("4d", nib.Nifti1Image(rng.random((8, 9, 40, 1)), affine))):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(image, str(path))
+        ours = LoadScand("image", image_only=False)({"image": str(path)})["image"]
+        monai = LoadImaged("image", image_only=False)({"image": str(path)})["image"]
+        assert ours.dtype == monai.dtype == torch.float32 and ours.is_contiguous()
+        torch.testing.assert_close(ours.as_tensor(), monai.as_tensor())
+        torch.testing.assert_close(ours.affine, monai.affine)
+        assert set(ours.meta) == set(monai.meta)
+    fortran = np.asfortranarray(rng.random((5, 6, 40)))
+    np.testing.assert_array_equal(c_order_float32(fortran), fortran.astype(np.float32))
+    assert c_order_float32(fortran).flags.c_contiguous
