@@ -27,7 +27,7 @@ from monai.utils import set_determinism
 
 from covid_monai.bundle import load_config, resolve_device
 from covid_monai.errors import one_line
-from covid_monai.inferers import autocast_dtype
+from covid_monai.inferers import autocast_dtype, freeze_for_cpu_inference
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
 from covid_monai.preview import SLICER_COLOR_TABLES, save_preview
@@ -276,8 +276,9 @@ class BatchSegmenter:
         self.network.load_state_dict(_load_state_dict(ckpt, self.device))
         self.network.eval()
         self.autocast_dtype = autocast_dtype(self.device) if self._knob("amp", False) else None
-        if self.device.type == "cpu":  # oneDNN convolutions are faster on NHWC tensors
+        if self.device.type == "cpu":  # oneDNN convolutions are faster on NHWC tensors, and with batch norm folded
             self.network = self.network.to(memory_format=torch.channels_last)
+            self.network = freeze_for_cpu_inference(self.network, self.autocast_dtype)
         self.preprocessing = self.parser.get_parsed_content("preprocessing")
         self.inferer = self.parser.get_parsed_content("inferer")
         from monai.transforms import Compose

@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.inferers import SimpleInferer, SliceInferer
 
-from covid_monai.inferers import AutocastInferer, FlipAveragingInferer, autocast_dtype
+from covid_monai.inferers import AutocastInferer, FlipAveragingInferer, autocast_dtype, freeze_for_cpu_inference
 from covid_monai.networks import seed_unet
 
 needs_bf16 = pytest.mark.skipif(autocast_dtype("cpu") is None, reason="this CPU has no native bf16")
@@ -57,3 +57,19 @@ def test_flip_averaging_around_slice_inferer_keeps_shape():
     with torch.no_grad():
         out = inferer(volume, network)
     assert out.shape == (1, 1, 32, 48, 4) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [None, pytest.param(torch.bfloat16, marks=needs_bf16)])
+def test_frozen_network_matches_eager_at_any_size(dtype):
+    torch.manual_seed(0)
+    network = seed_unet(in_channels=3, width=8, norm="batch")
+    network(torch.randn(4, 3, 32, 32))  # give batch norm non-trivial running statistics
+    network = network.eval().to(memory_format=torch.channels_last)
+    frozen = freeze_for_cpu_inference(network, dtype)
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    for shape in [(2, 3, 64, 48), (1, 3, 96, 32)]:  # other sizes than the tracing example
+        x = torch.randn(shape)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            expected, got = network(x).float(), frozen(x).float()
+        tolerance = 1e-4 if dtype is None else 0.05 * expected.abs().max().item()
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
