@@ -134,17 +134,20 @@ def train_and_score(
     knobs: dict[str, Any],
     seed: int,
     reuse_model: Path | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Train on ``train`` (an eighth validates), segment ``test``, return per-image metrics.
 
     With ``reuse_model`` (a fold bundle of an earlier run, same split) nothing is trained: that model segments
     ``test`` with this run's inference knobs (test-time flips, threshold...), so inference-side changes are scored
-    on the very same trained folds.
+    on the very same trained folds. With ``resume`` an interrupted training continues from its last epoch (a
+    finished one is only scored).
     """
     if reuse_model is None:
         datalist = _datalist(root, train, max(1, len(train) // 8), seed)
         write_datalist(datalist, out / "datalist.json")
-        bundle = train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed)
+        resume = resume and (out / "bundle" / "models" / "latest.pt").is_file()
+        bundle = train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed, resume=resume)
     else:  # today's pipeline with this run's knobs, the earlier run's weights
         bundle = create_bundle(out / "bundle", knobs)
         (bundle / "models").mkdir(exist_ok=True)
@@ -174,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (quick runs)")
     parser.add_argument("--no-final", action="store_true", help="skip the final training on all slices")
     parser.add_argument("--name", default="recipe", help="experiment name recorded in the results")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in OUT: scored folds are kept, trainings continue")
     parser.add_argument("--reuse-models", type=Path, metavar="RUN",
                         help="an earlier run's OUT: score its fold models with this run's inference knobs "
                              f"({', '.join(INFERENCE_ONLY_KNOBS)}) instead of training (same --seed and --folds)")
@@ -197,7 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         train = [n for n in names if n not in test]
         fold_started = time.perf_counter()
         reuse = args.reuse_models / f"fold{k}" / "bundle" if args.reuse_models else None
-        rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse)
+        scored = args.out / f"fold{k}" / "scores.json"
+        if args.resume and scored.is_file() and json.loads(scored.read_text())["knobs"] == knobs:
+            saved = json.loads(scored.read_text())
+            rows, fold_started = saved["rows"], time.perf_counter() - 60 * saved["minutes"]
+        else:
+            rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse, args.resume)
+            minutes = (time.perf_counter() - fold_started) / 60
+            scored.write_text(json.dumps({"knobs": knobs, "rows": rows, "minutes": minutes}, indent=1) + "\n")
         summary = {m: float(np.mean([r[m] for r in rows])) for m in rows[0] if m != "case"}
         per_fold.append({"fold": k, "n": len(rows), "minutes": (time.perf_counter() - fold_started) / 60, **summary})
         per_image += [{**r, "fold": k} for r in rows]
