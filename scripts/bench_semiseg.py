@@ -2,8 +2,9 @@
 
 The 50 "Doctor-label" training slices of COVID-SemiSeg (Fan et al., Inf-Net, IEEE TMI 2020) are converted to
 single-slice NIfTI volumes and run through the bundle's own 3D pipeline (8-bit lung-window data: ``hu_window``
-[0, 255], no lung mask). 5-fold cross-validation: each fold trains on 40 slices (5 of them validate for checkpoint
-selection) and is scored on its 10 held-out slices, per image:
+[0, 255], no lung mask). 5-fold cross-validation: each fold trains on 40 slices (with ``--checkpoint best``, 5 of
+them validate for checkpoint selection; with ``last``, all 40 train and the last epoch is kept) and is scored on its
+10 held-out slices, per image:
 
 * Dice, sensitivity and specificity of the mask at probability 0.5;
 * the Inf-Net way: the probability map is min-max normalised and binarised at 256 thresholds from 1 down to 0
@@ -116,10 +117,13 @@ def folds(names: Sequence[str], k: int, seed: int) -> list[list[str]]:
 
 
 def _datalist(root: Path, train: Sequence[str], n_val: int, seed: int) -> dict[str, list[dict[str, str]]]:
+    """A seeded split of ``train`` into training and ``n_val`` validation cases (``n_val`` 0: train on all)."""
     order = list(train)
     random.Random(seed + 1).shuffle(order)
     items = {n: {"image": str(root / "images" / f"{n}.nii.gz"), "label": str(root / "labels" / f"{n}.nii.gz")}
              for n in order}
+    if n_val == 0:  # the bundle wants a validation list; it is never run (val_interval > epochs)
+        return {"training": [items[n] for n in sorted(order)], "validation": [items[sorted(order)[0]]]}
     return {
         "training": [items[n] for n in sorted(order[n_val:])],
         "validation": [items[n] for n in sorted(order[:n_val])],
@@ -144,7 +148,8 @@ def train_and_score(
     finished one is only scored).
     """
     if reuse_model is None:
-        datalist = _datalist(root, train, max(1, len(train) // 8), seed)
+        last_epoch = int(knobs["val_interval"]) > int(knobs["epochs"])
+        datalist = _datalist(root, train, 0 if last_epoch else max(1, len(train) // 8), seed)
         write_datalist(datalist, out / "datalist.json")
         resume = resume and (out / "bundle" / "models" / "latest.pt").is_file()
         bundle = train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed, resume=resume)
@@ -177,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (quick runs)")
     parser.add_argument("--no-final", action="store_true", help="skip the final training on all slices")
     parser.add_argument("--name", default="recipe", help="experiment name recorded in the results")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                        help="best: an eighth of the training slices validate and select the checkpoint; last: train "
+                             "on all of them and keep the last epoch (sets val_interval beyond the epochs)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run in OUT: scored folds are kept, trainings continue")
     parser.add_argument("--reuse-models", type=Path, metavar="RUN",
@@ -189,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     knobs = {**RECIPE, **parse_overrides(extra), "seed": args.seed}
     if args.epochs:
         knobs["epochs"] = args.epochs
+    if args.checkpoint == "last":
+        knobs["val_interval"] = int(knobs["epochs"]) + 1
     if args.reuse_models:
         earlier = json.loads((args.reuse_models / "results.json").read_text())
         knobs = {**earlier["knobs"], **{k: v for k, v in knobs.items() if k in INFERENCE_ONLY_KNOBS}}
@@ -228,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if not args.no_final:
         final_started = time.perf_counter()
-        train_and_score(root, names, [], args.out / "final", knobs, args.seed)
-        result["final_bundle"] = str((args.out / "final" / "bundle").resolve())
+        train_and_score(root, names, [], args.out, knobs, args.seed, resume=args.resume)
+        result["final_bundle"] = str((args.out / "bundle").resolve())
         result["final_minutes"] = (time.perf_counter() - final_started) / 60
     result["minutes"] = (time.perf_counter() - started) / 60
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
