@@ -36,7 +36,7 @@ def test_cross_validation_final_bundle_resume_and_reuse(six_slices, tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert [f["fold"] for f in result["folds"]] == [0, 1, 2] and all(f["n"] == 2 for f in result["folds"])
     assert sorted(r["case"] for r in result["per_image"]) == ["0", "1", "2", "3", "4", "5"]  # each slice tested once
-    for metric in ("dice", "sensitivity", "specificity", "infnet_dice"):
+    for metric in ("dice", "sensitivity", "specificity", "infnet_dice", "mask_dice"):
         assert 0.0 <= result["mean"][metric] <= 1.0
     assert result["knobs"]["slice_size"] == [64, 64] and result["knobs"]["val_interval"] == 3
     assert (out / "bundle" / "models" / "model.pt").is_file()  # the final model on all slices
