@@ -51,12 +51,13 @@ def test_cross_validation_final_bundle_resume_and_reuse(six_slices, tmp_path):
     assert (out / "fold1" / "bundle" / "models" / "model.pt").stat().st_mtime_ns == weights
 
     # inference-only knobs scored on the same trained folds: test-time flips change the maps, not the models
-    flips = tmp_path / "flips"
+    assert result["knobs"]["tta_flips"] == [[0], [1]]  # the recipe's
+    flips = tmp_path / "no_flips"
     tta = ["--data", str(six_slices), "--out", str(flips), "--folds", "3", "--reuse-models", str(out),
-           "--tta_flips", "[[0], [1]]"]
+           "--tta_flips", "[]"]
     assert bench_semiseg.main(tta) == 0
     flipped = json.loads((flips / "results.json").read_text())
-    assert flipped["knobs"]["tta_flips"] == [[0], [1]] and flipped["reused_models"] == str(out)
+    assert flipped["knobs"]["tta_flips"] == [] and flipped["reused_models"] == str(out)
     assert flipped["mean"]["infnet_dice"] != result["mean"]["infnet_dice"]
     assert not (flips / "bundle").exists()
 
