@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     out = tmp_path_factory.mktemp("demo")
-    means = run_demo(out, n_train=8, n_test=2, epochs=25, device="cpu", seed=7, knobs={"val_interval": 5})
+    means = run_demo(out, n_train=8, n_test=2, epochs=35, device="cpu", seed=7, knobs={"val_interval": 5})
     return out, means
 
 

@@ -108,3 +108,27 @@ def test_oblique_map_falls_back_to_monai():
 def test_bad_mode():
     with pytest.raises(ValueError, match="nearest"):
         resample_separable(np.zeros((1, 2, 2, 2)), np.eye(4), (2, 2, 2), mode="cubic")
+
+
+def test_mask_from_source_probability_thresholds_inside_the_kept_region():
+    """The final mask is the linearly mapped probability thresholded on the scan's grid, but only where the
+    post-processed network-grid mask (grown by one voxel) is: a removed component stays removed."""
+    from covid_monai.grid import MaskFromSourceProbabilityd
+
+    grid_affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    probability = torch.zeros(1, 10, 10, 4)
+    probability[0, 1:4, 1:4] = 0.9  # a lesion that post-processing kept
+    probability[0, 6:9, 6:9] = 0.9  # one it removed (e.g. outside the lungs)
+    kept = torch.zeros(1, 10, 10, 4, dtype=torch.uint8)
+    kept[0, 1:4, 1:4] = 1
+    source = {"affine": np.diag([1.0, 1.0, 2.0, 1.0]), "shape": (20, 20, 4)}  # the scan: twice the in-plane detail
+    data = {"pred": MetaTensor(kept, affine=grid_affine), "probability": MetaTensor(probability, affine=grid_affine),
+            "source_grid": source}
+    out = MaskFromSourceProbabilityd("pred", threshold=0.5)(data)
+    mask, prob = out["pred"].numpy()[0], out["probability"].numpy()[0]
+    assert mask.dtype == np.uint8 and mask.shape == (20, 20, 4) and prob.shape == (20, 20, 4)
+    np.testing.assert_allclose(out["pred"].affine.numpy(), source["affine"])
+    np.testing.assert_array_equal(mask > 0, (prob >= 0.5) & (np.arange(20)[:, None, None] < 10)
+                                  & (np.arange(20)[None, :, None] < 10))
+    assert mask[2:7, 2:7].all() and not mask[12:18, 12:18].any()
+    assert 0 < prob[12:18, 12:18].min()  # the probability map itself is kept whole
