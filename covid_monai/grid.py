@@ -23,6 +23,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialResample
+from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import ensure_tuple_rep
 from scipy import ndimage
 
@@ -231,10 +232,8 @@ def _dilate_by_one(mask: np.ndarray) -> np.ndarray:
     out = np.zeros_like(mask)
     structure = np.ones((3, 3, 3), dtype=bool)
     for c in range(mask.shape[0]):
-        boxes = ndimage.find_objects(mask[c].astype(np.uint8))
-        if not boxes or boxes[0] is None:
-            continue
-        shape = mask.shape[1:]
-        box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(boxes[0], shape, strict=True))
-        out[c][box] = ndimage.binary_dilation(mask[c][box], structure=structure)
+        if mask[c].any():
+            start, end = generate_spatial_bounding_box(mask[c : c + 1], margin=1, allow_smaller=True)
+            box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+            out[c][box] = ndimage.binary_dilation(mask[c][box], structure=structure)
     return out

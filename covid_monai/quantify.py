@@ -7,6 +7,7 @@ anisotropic or oblique voxels, as long as ``affine`` is the masks' voxel-to-worl
 from __future__ import annotations
 
 import numpy as np
+from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 
 from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG
@@ -40,17 +41,6 @@ def _squeeze_channel(array: np.ndarray, name: str) -> np.ndarray:
     if array.ndim != 3:
         raise ValueError(f"{name} must be a 3D volume (or (1, X, Y, Z)), got shape {array.shape}.")
     return array
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box holding every true voxel of a 3D mask, or ``None`` for an empty mask."""
-    ranges = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        ranges.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(ranges)
 
 
 def quantify_case(
@@ -92,9 +82,11 @@ def quantify_case(
     """
     inf = _squeeze_channel(infection, "infection") > 0
     voxel_ml = voxel_volume_ml(affine)
-    box = _bounding_box(inf)  # label the infection's box only: the same components, a fraction of the time
-    lesions = ndimage.label(inf[box], structure=np.ones((3, 3, 3), dtype=bool))[1] if box else 0
     n_inf = int(np.count_nonzero(inf))
+    # label the infection's bounding box only: the same components in a fraction of the time
+    start, end = generate_spatial_bounding_box(inf[None], allow_smaller=True)
+    box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+    lesions = ndimage.label(inf[box], structure=np.ones((3, 3, 3), dtype=bool))[1] if n_inf else 0
     result: dict[str, float | int | None] = {
         "voxel_ml": voxel_ml,
         "infection_ml": n_inf * voxel_ml,

@@ -29,6 +29,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import CropForegroundd, MapTransform
+from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 from nibabel.orientations import io_orientation
 from scipy import ndimage
@@ -535,11 +536,9 @@ class RestrictToLungsd(MapTransform):
 
         Voxels outside that box get ``inf``; inside, the exact Euclidean distance (0 in the lungs).
         """
-        box = ndimage.find_objects(lungs.astype(np.uint8))[0]
         margin = [int(math.ceil(reach_mm / s)) + 1 for s in spacing]
-        crop = tuple(
-            slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(box, margin, lungs.shape, strict=True)
-        )
+        start, end = generate_spatial_bounding_box(lungs[None], margin=margin, allow_smaller=True)
+        crop = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
         distance = np.full(lungs.shape, np.inf, dtype=np.float32)
         distance[crop] = ndimage.distance_transform_edt(~lungs[crop], sampling=spacing)
         return distance
