@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_model", "write_result"]
+__all__ = ["cpu_model", "machine_info", "write_result"]
 
 
 def cpu_model() -> str:
@@ -20,6 +22,39 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """Host, CPU, cores, memory, torch threads, bf16 support and package versions (no GPU probing)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_bf16": {
+            "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+            "amx_tile": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+        },
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+    }
+    for package in ("monai", "nibabel", "numpy", "scipy"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_gb"] = round(pages * page_size / 1024**3, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info
 
 
 def write_result(result: dict[str, Any], out: Path, print_table: Callable[[dict[str, Any]], None]) -> int:

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -40,7 +38,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_model, write_result  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import machine_info as common_machine_info  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_infer.json"
@@ -147,35 +146,10 @@ def tail(path: Path, n: int = 15) -> str:
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU, cores, memory, torch threads and versions, and the GPU when ``device`` is CUDA."""
+    """The shared machine facts (``_common.machine_info``) plus the GPU when ``device`` is CUDA."""
     import torch
 
-    info: dict[str, Any] = {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_bf16": {
-            "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
-            "amx_tile": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
-        },
-        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
-    }
-    for package in ("monai", "nibabel", "numpy", "scipy"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = None
-    try:
-        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        info["memory_gb"] = round(pages * page_size / 1024**3, 1)
-    except (ValueError, OSError, AttributeError):
-        pass
+    info = common_machine_info()
     if device.startswith("cuda") and torch.cuda.is_available():  # asked in a child: no CUDA context kept here
         probe = subprocess.run([sys.executable, "-c", GPU_INFO_SCRIPT, device], capture_output=True, text=True)
         info["gpu"] = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else probe.stderr

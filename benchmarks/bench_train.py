@@ -29,8 +29,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_model, write_result  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+from _common import machine_info, write_result  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_train.json"
@@ -346,14 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_train",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
-            "hostname": platform.node(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
+            **machine_info(),
             "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available()
             else None,
         },

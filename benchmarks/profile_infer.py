@@ -13,7 +13,8 @@ command line does. Stages:
 - ``network``: SliceInferer (every slice through the 2D U-Net);
 - ``postprocess``: Activationsd, AsDiscreted, RestrictToLungsd, AddInfectionToLungsd, RemoveSmallObjectsd,
   CastToTyped (on the network's grid);
-- ``invert``: ToSourceGridd (map the mask and lung labels back to the scan's grid; Invertd in older bundles);
+- ``invert``: ToSourceGridd, MaskFromSourceProbabilityd (lung labels and the thresholded probability back on the
+  scan's grid; Invertd in older bundles);
 - ``write``: save_nifti_like (gzip NIfTI, atomic);
 - ``quantify``: quantify_case (volumes, lesion count);
 - ``other``: the rest (model load, config parsing, DataLoader, summary).
@@ -32,7 +33,6 @@ import cProfile
 import datetime
 import io
 import json
-import platform
 import pstats
 import sys
 import tempfile
@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cpu_model  # noqa: E402
+from _common import machine_info  # noqa: E402
 from bench_infer import make_bundle, make_input  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ STAGES = {
     "network": ["SliceInferer"],
     "postprocess": ["Activationsd", "AsDiscreted", "RestrictToLungsd", "AddInfectionToLungsd", "RemoveSmallObjectsd",
                     "CastToTyped"],
-    "invert": ["Invertd", "ToSourceGridd"],
+    "invert": ["Invertd", "ToSourceGridd", "MaskFromSourceProbabilityd"],
 }
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     scan = make_input(work, shape, tuple(float(s) for s in args.spacing), args.seed)
     bundle = make_bundle(work, args.amp)
 
-    import torch
 
     from covid_monai.inference import run_batch
 
@@ -185,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "profile_infer",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu_model": cpu_model(), "platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+        "machine": machine_info(),
         "input": {"shape": list(shape), "spacing": list(args.spacing), "path": str(scan)},
         "device": args.device,
         "cprofile": bool(args.cprofile),
