@@ -266,7 +266,9 @@ class BatchSegmenter:
         if unknown:
             raise ValueError(f"{self.bundle_dir}: inference.json has no setting {', '.join(unknown)}")
         knobs = {**(overrides or {}), "device": f"$torch.device('{self.device}')"}
-        knobs.update(keep_probability=save_probabilities, keep_original=save_preview)
+        knobs["keep_original"] = save_preview
+        if "keep_probability" in self.parser:  # bundles made before the probability map was always kept
+            knobs["keep_probability"] = save_probabilities
         for key, value in knobs.items():
             self.parser[key] = value
         ckpt = Path(self.parser.get_parsed_content("ckpt_path"))

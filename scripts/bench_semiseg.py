@@ -40,6 +40,7 @@ if __package__ in (None, ""):
 
 from covid_monai.bundle import create_bundle  # noqa: E402
 from covid_monai.datalist import write_datalist  # noqa: E402
+from covid_monai.evaluate import compute_case_metrics  # noqa: E402
 from covid_monai.inference import run_batch  # noqa: E402
 from covid_monai.train import train_bundle  # noqa: E402
 from scripts.convert_slices import convert  # noqa: E402
@@ -177,9 +178,8 @@ def train_and_score(
     for name in test:
         probability = np.asarray(nib.load(str(out / "pred" / f"{name}_probability.nii.gz")).dataobj)
         label = np.asarray(nib.load(str(root / "labels" / f"{name}.nii.gz")).dataobj) > 0
-        mask = np.asarray(nib.load(str(out / "pred" / f"{name}_infection.nii.gz")).dataobj) > 0
-        overlap = 2.0 * np.sum(mask & label)
-        mask_dice = float(overlap / (mask.sum() + label.sum())) if mask.any() or label.any() else 1.0
+        mask = np.asarray(nib.load(str(out / "pred" / f"{name}_infection.nii.gz")).dataobj)
+        mask_dice = compute_case_metrics(mask, label)["dice"]
         rows.append({"case": name, **image_metrics(probability, label), "mask_dice": mask_dice})
     return rows
 
