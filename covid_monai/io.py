@@ -23,6 +23,7 @@ __all__ = [
     "is_nifti",
     "list_dicom_series",
     "nifti_stem",
+    "read_nifti_float32",
     "save_nifti_like",
 ]
 
@@ -187,15 +188,61 @@ def c_order_float32(array: np.ndarray, chunk: int = 16) -> np.ndarray:
     return out
 
 
+def read_nifti_float32(image: nib.spatialimages.SpatialImage, chunk: int = 16) -> np.ndarray:
+    """A NIfTI image's voxels (nibabel's scaling applied) as a C-ordered float32 array, streamed from the file.
+
+    The file (gzip or not) is read ``chunk`` slices of its slowest axis at a time into the float32 output, so the
+    stored array is never held whole beside it (a 512x512x1000 int16 scan: 1 GB output, no 0.5 GB raw copy nor
+    the decompressor's buffers). Images not backed by a Fortran-ordered file fall back to nibabel's full read.
+
+    Args:
+        image: an image from ``nib.load``.
+        chunk: slices of the slowest axis per read.
+    """
+    proxy = image.dataobj
+    shape = tuple(int(s) for s in image.shape)
+    core = list(shape)
+    while len(core) > 1 and core[-1] == 1:
+        core.pop()
+    streamable = (
+        isinstance(proxy, nib.arrayproxy.ArrayProxy)
+        and getattr(proxy, "order", "F") == "F"
+        and isinstance(proxy.file_like, str | os.PathLike)
+        and len(core) >= 2
+    )
+    if not streamable:
+        return c_order_float32(np.asanyarray(proxy))
+    dtype = np.dtype(proxy.dtype)
+    slope = float(proxy.slope) if np.isfinite(proxy.slope) else 1.0
+    inter = float(proxy.inter) if np.isfinite(proxy.inter) else 0.0
+    plane = int(np.prod(core[:-1]))
+    out = np.empty(shape, dtype=np.float32)
+    view = out.reshape(core)
+    with nib.openers.ImageOpener(proxy.file_like, "rb") as stream:
+        stream.seek(proxy.offset)
+        for first in range(0, core[-1], chunk):
+            depth = min(chunk, core[-1] - first)
+            count = plane * depth
+            data = stream.read(count * dtype.itemsize)
+            if len(data) != count * dtype.itemsize:
+                raise OSError(f"{proxy.file_like}: file ends before the image data does (expected {shape} voxels)")
+            raw = np.frombuffer(data, dtype=dtype)
+            values = raw.reshape((*core[:-1], depth), order="F")
+            if slope != 1.0 or inter != 0.0:
+                values = values * np.float64(slope) + np.float64(inter)
+            view[..., first : first + depth] = values
+    return out
+
+
 class FastNibabelReader(NibabelReader):
     """MONAI's ``NibabelReader`` returning C-ordered float32 data directly (what ``LoadImaged`` converts to anyway).
 
-    Same meta data and values (nibabel's scaling applied); ``LoadImaged`` then has nothing left to copy, which
-    saves ~3 s and one full-size copy per 512x512x300 scan.
+    Same meta data and values (nibabel's scaling applied), streamed from the file by :func:`read_nifti_float32`;
+    ``LoadImaged`` then has nothing left to copy, which saves ~3 s and two full-size copies per 512x512x300 scan.
     """
 
     def _get_array_data(self, img: nib.spatialimages.SpatialImage, filename: str) -> np.ndarray:
-        return c_order_float32(np.asanyarray(img.dataobj))
+        return read_nifti_float32(img)
 
 
 class LoadScand(LoadImaged):

@@ -95,3 +95,40 @@ def test_load_scan_matches_load_imaged(tmp_path):
     fortran = np.asfortranarray(rng.random((5, 6, 40)))
     np.testing.assert_array_equal(c_order_float32(fortran), fortran.astype(np.float32))
     assert c_order_float32(fortran).flags.c_contiguous
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_streamed_read_equals_nibabel(tmp_path, suffix):
+    """Streaming the voxels slab by slab gives nibabel's scaled values for big- and little-endian, 3D and 4D files
+    (chunk sizes that do and do not divide the slices); a truncated file is an error naming it."""
+    from covid_monai.io import read_nifti_float32
+
+    rng = np.random.default_rng(1)
+    raw = rng.integers(-1024, 3000, (17, 11, 23)).astype(np.int16)
+    cases = {
+        "little_scaled": (raw, (0.25, -100.0)),
+        "big_endian": (raw.astype(">i2"), (1.0, 0.0)),
+        "float_4d": (rng.random((6, 7, 9, 1)).astype(np.float32), (1.0, 0.0)),
+        "int16_5_slices_of_2d": (raw[:, :, :1], (2.0, 5.0)),
+    }
+    for name, (array, (slope, inter)) in cases.items():
+        image = nib.Nifti1Image(array, np.diag([0.7, 0.7, 1.5, 1.0]))
+        image.header.set_slope_inter(slope, inter)
+        path = tmp_path / f"{name}{suffix}"
+        nib.save(image, str(path))
+        expected = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+        for chunk in (1, 4, 64):
+            ours = read_nifti_float32(nib.load(str(path)), chunk=chunk)
+            assert ours.dtype == np.float32 and ours.flags.c_contiguous and ours.shape == expected.shape
+            np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+    path = tmp_path / f"cut{suffix}"
+    nib.save(nib.Nifti1Image(raw, np.eye(4)), str(path))
+    data = path.read_bytes()
+    if suffix == ".nii":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        import gzip
+
+        path.write_bytes(gzip.compress(gzip.decompress(data)[: 352 + raw.nbytes // 2]))
+    with pytest.raises(OSError, match=f"cut{suffix}.*ends before"):
+        read_nifti_float32(nib.load(str(path)))
