@@ -27,6 +27,7 @@ from monai.utils import set_determinism
 
 from covid_monai.bundle import load_config, resolve_device
 from covid_monai.errors import one_line
+from covid_monai.grid import to_source_grid
 from covid_monai.inferers import autocast_dtype, freeze_for_cpu_inference
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
@@ -302,12 +303,12 @@ class BatchSegmenter:
             ``data`` with ``pred`` (uint8 mask, ``(1, X, Y, Z)`` in the input's voxel grid), and ``lungs`` and
             ``probability`` when the bundle computes them.
         """
-        image = data["image"]
         enabled = self.autocast_dtype is not None
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
-            logits = self.inferer(image.unsqueeze(0).to(self.device), self.network)
+            logits = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)
         data["pred"] = logits[0].float().cpu()
-        return self.postprocessing(data)
+        del logits
+        return self.postprocessing(data)  # no reference kept here: the bundle's post-processing may drop the image
 
     def run(
         self,
@@ -393,7 +394,10 @@ class BatchSegmenter:
             reference = case.source if case.kind == "nifti" else None
             paths = output_paths(out, case.name)
             if self.save_probabilities and "probability" in data:
-                probability = np.asarray(data["probability"][0], dtype=np.float32)
+                probability = data["probability"]
+                if "source_grid" in data:  # on the network grid: mapped back linearly only now, when it is saved
+                    probability = to_source_grid(probability, data["source_grid"], "linear")
+                probability = np.asarray(probability[0], dtype=np.float32)
                 save_nifti_like(probability, paths["probability"], affine, reference, dtype=np.float32)
             if self.save_lungs and lungs is not None:
                 save_nifti_like(lungs, paths["lungs"], affine, reference)

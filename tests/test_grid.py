@@ -7,8 +7,9 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, CropForegroundd, Invertd, Orientationd, Resized, Spacingd
+from scipy import ndimage
 
-from covid_monai.grid import RecordSourceGridd, ToSourceGridd, resample_separable
+from covid_monai.grid import RecordSourceGridd, ToSourceGridd, resample_separable, to_source_grid
 
 
 def _scan(shape=(40, 36, 12), spacing=(0.7, 0.8, 2.5), seed=0) -> MetaTensor:
@@ -124,11 +125,71 @@ def test_mask_from_source_probability_thresholds_inside_the_kept_region():
     source = {"affine": np.diag([1.0, 1.0, 2.0, 1.0]), "shape": (20, 20, 4)}  # the scan: twice the in-plane detail
     data = {"pred": MetaTensor(kept, affine=grid_affine), "probability": MetaTensor(probability, affine=grid_affine),
             "source_grid": source}
-    out = MaskFromSourceProbabilityd("pred", threshold=0.5)(data)
-    mask, prob = out["pred"].numpy()[0], out["probability"].numpy()[0]
-    assert mask.dtype == np.uint8 and mask.shape == (20, 20, 4) and prob.shape == (20, 20, 4)
-    np.testing.assert_allclose(out["pred"].affine.numpy(), source["affine"])
-    np.testing.assert_array_equal(mask > 0, (prob >= 0.5) & (np.arange(20)[:, None, None] < 10)
-                                  & (np.arange(20)[None, :, None] < 10))
-    assert mask[2:7, 2:7].all() and not mask[12:18, 12:18].any()
-    assert 0 < prob[12:18, 12:18].min()  # the probability map itself is kept whole
+    for slab in (1, 3, 32):  # the scan's grid filled one slab at a time gives the same mask
+        out = MaskFromSourceProbabilityd("pred", threshold=0.5, slab=slab)(data)
+        assert out["probability"] is data["probability"]  # left on the network grid
+        prob = to_source_grid(out["probability"], source, "linear").numpy()[0]
+        mask = out["pred"].numpy()[0]
+        assert mask.dtype == np.uint8 and mask.shape == (20, 20, 4) and prob.shape == (20, 20, 4)
+        np.testing.assert_allclose(out["pred"].affine.numpy(), source["affine"])
+        np.testing.assert_array_equal(mask > 0, (prob >= 0.5) & (np.arange(20)[:, None, None] < 10)
+                                      & (np.arange(20)[None, :, None] < 10))
+        assert mask[2:7, 2:7].all() and not mask[12:18, 12:18].any()
+        assert 0 < prob[12:18, 12:18].min()  # the probability map itself is whole
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_mask_in_slabs_equals_the_whole_grid_map(oblique):
+    """Slab by slab inside the kept region's box, or through the general fallback for an oblique network grid, the
+    final mask is the whole-grid computation: linear probability >= threshold where the dilated region maps."""
+    from covid_monai.grid import MaskFromSourceProbabilityd, _dilate_by_one
+
+    rng = np.random.default_rng(3)
+    network = np.diag([-1.6, 1.4, 2.5, 1.0])  # flipped, coarser than the scan, offset
+    network[:3, 3] = [30.0, -4.0, 3.0]
+    if oblique:
+        c, s = np.cos(0.2), np.sin(0.2)
+        network[:2, :2] = network[:2, :2] @ np.array([[c, -s], [s, c]])
+    probability = torch.from_numpy(ndimage.gaussian_filter(rng.random((1, 24, 20, 9)), 1.5).astype(np.float32))
+    probability = (probability - probability.min()) / (probability.max() - probability.min())
+    kept = (probability > 0.55).to(torch.uint8)
+    kept[0, :, :, 4] = 0  # a slice where post-processing removed everything
+    source = {"affine": np.diag([0.7, 0.7, 1.0, 1.0]), "shape": (48, 40, 22)}
+    source["affine"][:3, 3] = [4.0, -2.0, 2.0]
+    data = {"pred": MetaTensor(kept, affine=torch.as_tensor(network)),
+            "probability": MetaTensor(probability, affine=torch.as_tensor(network)), "source_grid": source}
+    out = MaskFromSourceProbabilityd("pred", threshold=0.5, slab=5)(data)["pred"].numpy()
+    region = MetaTensor(torch.from_numpy(_dilate_by_one(kept.numpy() > 0).astype(np.uint8)),
+                        affine=torch.as_tensor(network))
+    expected = (to_source_grid(data["probability"], source, "linear").numpy() >= 0.5) & (
+        to_source_grid(region, source, "nearest").numpy() > 0)
+    assert out.shape == (1, 48, 40, 22) and out.dtype == np.uint8
+    assert 0 < expected.sum() < expected.size
+    assert np.count_nonzero((out > 0) != expected) <= 2  # float rounding at the threshold, at most
+
+
+@pytest.mark.parametrize(
+    ("spacing", "pixdim"),
+    [((-0.7, -0.7, 1.0), (1.0, 1.0, -1)), ((0.8, 0.75, 2.5), (1.0, 1.0, 1.0)), ((2.4981, 2.4981, 4.9), (2.5, 2.5, -1))],
+)
+def test_separable_spacing_equals_spacingd(spacing, pixdim):
+    """Same grid, values (to float rounding) and inversion as MONAI's Spacingd, including the near-identical grid
+    that eager Spacingd keeps as it is (0.0019 mm off: the scan is not resampled)."""
+    from covid_monai.grid import SeparableSpacingd
+
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [100.0, 80.0, -50.0]
+    values = ndimage.gaussian_filter(np.random.default_rng(0).random((1, 60, 50, 12)), 2).astype(np.float32) * 1000
+    outputs = []
+    for transform in (Spacingd, SeparableSpacingd):
+        pre = Compose([Orientationd("image", axcodes="RAS"),
+                       transform("image", pixdim=pixdim, mode="bilinear", dtype=torch.float32)])
+        data = pre({"image": MetaTensor(torch.from_numpy(values.copy()), affine=torch.as_tensor(affine))})
+        data["pred"] = data["image"].clone()
+        back = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+        np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-6)
+        outputs.append(data["image"])
+    theirs, ours = outputs
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32 and not ours.has_pending_operations
+    np.testing.assert_allclose(ours.affine.numpy(), theirs.affine.numpy(), atol=1e-9)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=2e-3)
