@@ -52,7 +52,7 @@ DEFAULT_WORK = Path(tempfile.gettempdir()) / "covid_monai_bench"
 
 STAGES = {
     "read": ["LoadImaged", "EnsureChannelFirstd", "ValidateCTd", "RecordSourceGridd"],
-    "resample": ["Orientationd", "Spacingd", "Resized"],
+    "resample": ["Orientationd", "Spacingd", "SeparableSpacingd", "Resized"],
     "lung_mask": ["LungMaskd"],
     "intensity_crop": ["ScaleIntensityRanged", "CropForegroundd", "NormalizeIntensityd", "EnsureTyped"],
     "network": ["SliceInferer"],

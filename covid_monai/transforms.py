@@ -492,6 +492,8 @@ class RestrictToLungsd(MapTransform):
         empty_lungs: what to do when the lung mask is empty: ``"keep"`` the prediction unchanged (and warn; an
             empty mask is far more often a failed lung mask than a scan without lungs) or ``"zero"`` it.
         allow_missing_keys: don't raise when a key is missing.
+        slab: slices of the last axis per distance transform (at least twice the reach in voxels), which bounds
+            its memory.
 
     Example:
         >>> post = RestrictToLungsd("pred", lung_key="lungs", margin_mm=3.0)
@@ -508,8 +510,10 @@ class RestrictToLungsd(MapTransform):
         pixdim: Sequence[float] | None = None,
         empty_lungs: str = "keep",
         allow_missing_keys: bool = False,
+        slab: int = 96,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.slab = max(int(slab), 1)
         if mode not in ("components", "voxels"):
             raise ValueError(f"mode must be 'components' or 'voxels', got {mode!r}.")
         self.mode = mode
@@ -531,17 +535,29 @@ class RestrictToLungsd(MapTransform):
             return np.asarray(ensure_tuple_rep(self.pixdim, ndim), dtype=np.float64)
         return np.ones(ndim, dtype=np.float64)
 
-    def _distance(self, lungs: np.ndarray, spacing: np.ndarray, reach_mm: float) -> np.ndarray:
-        """Distance (mm) to the lung mask, computed on the lungs' bounding box padded by ``reach_mm`` only.
+    def _near_lungs(self, lungs: np.ndarray, spacing: np.ndarray, limits_mm: Sequence[float]) -> list[np.ndarray]:
+        """For each limit, the voxels at most that far (mm, Euclidean) from the lung mask.
 
-        Voxels outside that box get ``inf``; inside, the exact Euclidean distance (0 in the lungs).
+        The distance transform runs on the lungs' bounding box padded by the largest limit, in slabs of the last
+        axis that overlap by that limit: exact for every distance up to the limit, with memory bounded by one slab
+        whatever the number of slices.
         """
-        margin = [int(math.ceil(reach_mm / s)) + 1 for s in spacing]
+        reach = max(limits_mm)
+        margin = [int(math.ceil(reach / s)) + 1 for s in spacing]
         start, end = generate_spatial_bounding_box(lungs[None], margin=margin, allow_smaller=True)
-        crop = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
-        distance = np.full(lungs.shape, np.inf, dtype=np.float32)
-        distance[crop] = ndimage.distance_transform_edt(~lungs[crop], sampling=spacing)
-        return distance
+        near = [np.zeros(lungs.shape, dtype=bool) for _ in limits_mm]
+        step = max(self.slab, 2 * margin[-1])
+        for first in range(start[-1], end[-1], step):
+            last = min(first + step, end[-1])
+            low, high = max(start[-1], first - margin[-1]), min(end[-1], last + margin[-1])
+            window = (*(slice(a, b) for a, b in zip(start[:-1], end[:-1], strict=True)), slice(low, high))
+            if not lungs[window].any():
+                continue
+            distance = ndimage.distance_transform_edt(~lungs[window], sampling=spacing)[..., first - low : last - low]
+            core = (*window[:-1], slice(first, last))
+            for out, limit in zip(near, limits_mm, strict=True):
+                out[core] = distance <= limit
+        return near
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -550,7 +566,7 @@ class RestrictToLungsd(MapTransform):
         if lungs.ndim == 4:
             lungs = lungs[0]
         lungs = lungs > 0
-        distance: np.ndarray | None = None
+        near: list[np.ndarray] | None = None
         for key in self.key_iterator(d):
             pred = d[key]
             array = _as_numpy(pred)
@@ -567,14 +583,14 @@ class RestrictToLungsd(MapTransform):
                     continue
                 keep = np.zeros((1, *lungs.shape), dtype=bool)
             else:
-                if distance is None:  # one distance map serves the margin and the reach
-                    reach_mm = self.margin_mm if self.mode == "voxels" else max(self.margin_mm, self.max_distance_mm)
-                    distance = self._distance(lungs, self._spacing(lungs_value, pred, lungs.ndim), reach_mm)
-                allowed = distance <= self.margin_mm
+                if near is None:  # one distance transform serves the margin and the reach
+                    limits = [self.margin_mm] if self.mode == "voxels" else [self.margin_mm, self.max_distance_mm]
+                    near = self._near_lungs(lungs, self._spacing(lungs_value, pred, lungs.ndim), limits)
+                allowed = near[0]
                 if self.mode == "voxels":
                     keep = allowed[None]
                 else:  # whole touching components, but not beyond max_distance_mm from the lungs
-                    keep = _components_touching(array > 0, allowed) & (distance <= self.max_distance_mm)[None]
+                    keep = _components_touching(array > 0, allowed) & near[1][None]
             if isinstance(pred, torch.Tensor):
                 d[key] = pred * torch.as_tensor(keep, device=pred.device).to(pred.dtype)
             else:
@@ -583,14 +599,21 @@ class RestrictToLungsd(MapTransform):
 
 
 def _components_touching(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Per channel, the 26-connected components of ``pred`` that have at least one voxel in ``region``."""
+    """Per channel, the 26-connected components of ``pred`` that have at least one voxel in ``region``.
+
+    Components are labelled on the bounding box of the channel's prediction only.
+    """
     keep = np.zeros(pred.shape, dtype=bool)
     structure = np.ones((3,) * region.ndim, dtype=bool)
     for c in range(pred.shape[0]):
-        labels, n = ndimage.label(pred[c], structure=structure)
+        if not pred[c].any():
+            continue
+        start, end = generate_spatial_bounding_box(pred[c : c + 1], allow_smaller=True)
+        box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+        labels, n = ndimage.label(pred[c][box], structure=structure)
         if n:
-            touching = np.unique(labels[region & (labels > 0)])
-            keep[c] = np.isin(labels, touching[touching > 0])
+            touching = np.unique(labels[region[box] & (labels > 0)])
+            keep[c][box] = np.isin(labels, touching[touching > 0])
     return keep
 
 
@@ -692,11 +715,11 @@ class ValidateCTd(MapTransform):
             affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
             if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
                 raise ValueError(f"{name}: singular or non-finite affine, the voxel geometry is undefined")
-            tensor = torch.as_tensor(image)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            tensor = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            low, high = float(tensor.min()), float(tensor.max())  # NaN propagates; no full-size temporary
+            if not (math.isfinite(low) and math.isfinite(high)):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise ValueError(f"{name}: {bad} voxels are NaN or infinite")
-            low, high = float(tensor.min()), float(tensor.max())
             if low == high:
                 raise ValueError(f"{name}: every voxel has the same value ({low:g}); the volume is empty")
             if self.expect_hu and (low > -500 or high - low < 200):

@@ -303,6 +303,28 @@ def test_restrict_to_lungs_keeps_whole_components_that_touch_the_lungs():
     assert voxels[0, 15:30, 12:16, 3:6].sum() < out[0, 15:30, 12:16, 3:6].sum()
 
 
+def test_restrict_to_lungs_in_slabs_is_exact():
+    """Distance transforms in overlapping slabs of the last axis give exactly the whole-volume result: margin and
+    reach are the voxels within those distances (mm, anisotropic) of the lungs, brute-force checked."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    lungs = ndimage.gaussian_filter(rng.random((36, 30, 60)), 3) > 0.52
+    lungs[:, :, 40:] = False  # lungs end: the reach fades out along the last axis
+    pred = (ndimage.gaussian_filter(rng.random((1, 36, 30, 60)), 2) > 0.53).astype(np.float32)
+    spacing = (1.5, 1.2, 2.0)
+    outs = [RestrictToLungsd("pred", margin_mm=3.0, max_distance_mm=12.0, pixdim=spacing, slab=slab)(
+        {"pred": pred, "lungs": lungs[None].astype(np.uint8)})["pred"] for slab in (1, 7, 1000)]
+    assert 0 < outs[0].sum() < pred.sum()
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    transform = RestrictToLungsd("pred", pixdim=spacing, slab=5)
+    near = transform._near_lungs(lungs, np.asarray(spacing), [3.0, 12.0])
+    distance = ndimage.distance_transform_edt(~lungs, sampling=spacing)
+    for mask, limit in zip(near, (3.0, 12.0), strict=True):
+        np.testing.assert_array_equal(mask, distance <= limit)
+
+
 def test_restrict_to_lungs_empty_mask():
     pred = torch.ones((1, 8, 8, 4))
     lungs = torch.zeros((1, 8, 8, 4), dtype=torch.uint8)
