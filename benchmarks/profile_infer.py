@@ -7,7 +7,7 @@ command line does. Stages:
 
 - ``read``: LoadImaged (also timing covid_monai.io.LoadScand), EnsureChannelFirstd, ValidateCTd (decode the NIfTI
   into a float tensor);
-- ``resample``: Orientationd, Spacingd, Resized;
+- ``resample``: Orientationd, SeparableSpacingd (Spacingd in older bundles), Resized;
 - ``lung_mask``: LungMaskd (HU-threshold lung mask at the network's resolution);
 - ``intensity_crop``: ScaleIntensityRanged, CropForegroundd, NormalizeIntensityd, EnsureTyped;
 - ``network``: SliceInferer (every slice through the 2D U-Net);
