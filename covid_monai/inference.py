@@ -27,7 +27,6 @@ from monai.utils import set_determinism
 
 from covid_monai.bundle import load_config, resolve_device
 from covid_monai.errors import one_line
-from covid_monai.grid import to_source_grid
 from covid_monai.inferers import autocast_dtype, freeze_for_cpu_inference
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
@@ -268,6 +267,8 @@ class BatchSegmenter:
             raise ValueError(f"{self.bundle_dir}: inference.json has no setting {', '.join(unknown)}")
         knobs = {**(overrides or {}), "device": f"$torch.device('{self.device}')"}
         knobs["keep_original"] = save_preview
+        if "map_probability_back" in self.parser:  # the probability map onto the scan's grid, only to be saved
+            knobs["map_probability_back"] = save_probabilities
         if "keep_probability" in self.parser:  # bundles made before the probability map was always kept
             knobs["keep_probability"] = save_probabilities
         for key, value in knobs.items():
@@ -394,10 +395,7 @@ class BatchSegmenter:
             reference = case.source if case.kind == "nifti" else None
             paths = output_paths(out, case.name)
             if self.save_probabilities and "probability" in data:
-                probability = data["probability"]
-                if "source_grid" in data:  # on the network grid: mapped back linearly only now, when it is saved
-                    probability = to_source_grid(probability, data["source_grid"], "linear")
-                probability = np.asarray(probability[0], dtype=np.float32)
+                probability = np.asarray(data["probability"][0], dtype=np.float32)
                 save_nifti_like(probability, paths["probability"], affine, reference, dtype=np.float32)
             if self.save_lungs and lungs is not None:
                 save_nifti_like(lungs, paths["lungs"], affine, reference)
