@@ -26,9 +26,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import AFFINE_TOL
 from monai.transforms import MapTransform, Spacingd, SpatialResample
-from monai.transforms.utils import generate_spatial_bounding_box
-from monai.utils import ensure_tuple_rep
+from monai.utils import ensure_tuple_rep, get_equivalent_dtype
 from scipy import ndimage
+
+from covid_monai.transforms import bounding_box
 
 __all__ = [
     "MaskFromSourceProbabilityd",
@@ -131,6 +132,13 @@ def _shifted(target_to_source: np.ndarray, start: Sequence[int]) -> np.ndarray:
     return np.asarray(target_to_source, dtype=np.float64) @ shift
 
 
+def _on_grid(values: np.ndarray, affine: np.ndarray, like: MetaTensor) -> MetaTensor:
+    """``values`` as a MetaTensor on the grid ``affine``, carrying ``like``'s other meta data (a copy)."""
+    meta = {k: deepcopy(v) for k, v in like.meta.items() if k not in ("affine", "spatial_shape")}
+    meta["spatial_shape"] = np.asarray(values.shape[1:])
+    return MetaTensor(torch.from_numpy(values), affine=torch.as_tensor(affine), meta=meta)
+
+
 def resample_in_slabs(
     array: np.ndarray,
     target_to_source: np.ndarray,
@@ -138,7 +146,6 @@ def resample_in_slabs(
     mode: str = "nearest",
     padding: str = "zeros",
     slab: int = 32,
-    dtype: np.dtype | type | None = None,
 ) -> np.ndarray | None:
     """:func:`resample_separable` filling the target ``slab`` slices of its last axis at a time.
 
@@ -148,7 +155,6 @@ def resample_in_slabs(
     Args:
         array, target_to_source, shape, mode, padding: as for :func:`resample_separable`.
         slab: target slices per step.
-        dtype: output data type (default ``array``'s).
 
     Returns:
         ``(C, *shape)`` array, or ``None`` when the map is not separable.
@@ -156,7 +162,7 @@ def resample_in_slabs(
     matrix = np.asarray(target_to_source, dtype=np.float64)
     if _axis_map(matrix[:3, :3]) is None:
         return None
-    out = np.empty((array.shape[0], *shape), dtype=dtype or array.dtype)
+    out = np.empty((array.shape[0], *shape), dtype=array.dtype)
     for first in range(0, shape[-1], max(int(slab), 1)):
         depth = min(int(slab), shape[-1] - first)
         start = [0] * (len(shape) - 1) + [first]
@@ -211,7 +217,7 @@ class SeparableSpacingd(Spacingd):
         target_affine = np.asarray(image.peek_pending_affine(), dtype=np.float64)
         shape = tuple(int(s) for s in image.peek_pending_shape())
         matrix = np.linalg.solve(source_affine, target_affine)
-        float32 = dtype in (torch.float32, np.float32) or str(dtype) in ("float32", "torch.float32")
+        float32 = get_equivalent_dtype(dtype, torch.Tensor) == torch.float32
         near_identity = shape == tuple(image.shape[1:]) and (  # eager Spacingd keeps such a scan as it is
             np.allclose(source_affine, target_affine, atol=AFFINE_TOL)
             or np.allclose(matrix, np.eye(4), atol=AFFINE_TOL)
@@ -222,9 +228,7 @@ class SeparableSpacingd(Spacingd):
         out = resample_in_slabs(array, matrix, shape, "linear", padding, self.slab)
         if out is None:
             return None
-        meta = {k: v for k, v in image.meta.items() if k not in ("affine", "spatial_shape")}
-        meta["spatial_shape"] = np.asarray(shape)
-        result = MetaTensor(torch.from_numpy(out), affine=torch.as_tensor(target_affine), meta=meta)
+        result = _on_grid(out, target_affine, image)
         result.applied_operations = [*image.applied_operations]
         for operation in pending:
             result.push_applied_operation(operation)
@@ -305,9 +309,7 @@ def to_source_grid(value: MetaTensor, grid: Mapping[str, Any], mode: str = "near
             value, dst_affine=torch.as_tensor(target_affine), spatial_size=shape
         )
         out = resampled.detach().cpu().numpy().astype(array.dtype, copy=False)
-    meta = {k: deepcopy(v) for k, v in value.meta.items() if k not in ("affine", "spatial_shape")}
-    meta["spatial_shape"] = np.asarray(shape)
-    return MetaTensor(torch.from_numpy(out), affine=torch.as_tensor(target_affine), meta=meta)
+    return _on_grid(out, target_affine, value)
 
 
 class MaskFromSourceProbabilityd(MapTransform):
@@ -356,9 +358,7 @@ class MaskFromSourceProbabilityd(MapTransform):
             region = MetaTensor(torch.from_numpy(_dilate_by_one(mask.detach().cpu().numpy() > 0).astype(np.uint8)),
                                 affine=mask.affine, meta=mask.meta)
             out = self._threshold_in_slabs(probability, region, target_affine, tuple(grid["shape"]))
-            meta = {k: deepcopy(v) for k, v in mask.meta.items() if k not in ("affine", "spatial_shape")}
-            meta["spatial_shape"] = np.asarray(grid["shape"])
-            d[key] = MetaTensor(torch.from_numpy(out), affine=torch.as_tensor(target_affine), meta=meta)
+            d[key] = _on_grid(out, target_affine, mask)
         return d
 
     def _threshold_in_slabs(
@@ -380,12 +380,11 @@ class MaskFromSourceProbabilityd(MapTransform):
             inside = resample_separable(kept, _shifted(to_region, start), (*shape[:-1], depth), "nearest")
             if not inside.any():
                 continue
-            low, high = generate_spatial_bounding_box(inside, allow_smaller=True)
-            box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
-            corner = [a + b for a, b in zip(start, low, strict=True)]
-            size = [b - a for a, b in zip(low, high, strict=True)]
+            box = bounding_box(inside)
+            corner = [a + b.start for a, b in zip(start, box, strict=True)]
+            size = [b.stop - b.start for b in box]
             above = resample_separable(values, _shifted(to_probability, corner), size, "linear") >= self.threshold
-            target = (slice(None), *box[:-1], slice(first + low[-1], first + high[-1]))
+            target = (slice(None), *box[:-1], slice(first + box[-1].start, first + box[-1].stop))
             out[target] = above & (inside[(slice(None), *box)] > 0)
         return out
 
@@ -396,7 +395,6 @@ def _dilate_by_one(mask: np.ndarray) -> np.ndarray:
     structure = np.ones((3, 3, 3), dtype=bool)
     for c in range(mask.shape[0]):
         if mask[c].any():
-            start, end = generate_spatial_bounding_box(mask[c : c + 1], margin=1, allow_smaller=True)
-            box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+            box = bounding_box(mask[c : c + 1], margin=1)
             out[c][box] = ndimage.binary_dilation(mask[c][box], structure=structure)
     return out

@@ -7,10 +7,9 @@ anisotropic or oblique voxels, as long as ``affine`` is the masks' voxel-to-worl
 from __future__ import annotations
 
 import numpy as np
-from monai.transforms.utils import generate_spatial_bounding_box
 from scipy import ndimage
 
-from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG
+from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG, bounding_box
 
 __all__ = ["quantify_case", "voxel_volume_ml"]
 
@@ -84,8 +83,7 @@ def quantify_case(
     voxel_ml = voxel_volume_ml(affine)
     n_inf = int(np.count_nonzero(inf))
     # label the infection's bounding box only: the same components in a fraction of the time
-    start, end = generate_spatial_bounding_box(inf[None], allow_smaller=True)
-    box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+    box = bounding_box(inf[None])
     lesions = ndimage.label(inf[box], structure=np.ones((3, 3, 3), dtype=bool))[1] if n_inf else 0
     result: dict[str, float | int | None] = {
         "voxel_ml": voxel_ml,

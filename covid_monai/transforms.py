@@ -43,6 +43,7 @@ __all__ = [
     "LungMaskd",
     "RestrictToLungsd",
     "ValidateCTd",
+    "bounding_box",
     "lung_mask_from_hu",
 ]
 
@@ -70,6 +71,19 @@ _PARENCHYMA_MAX_HU = -600.0
 # A candidate that touches the first or last slice continues beyond the scan (e.g. lung bases at the top of an
 # abdominal CT): it needs only this fraction of ``min_lung_ml``.
 _CUT_MIN_FRACTION = 0.25
+
+
+def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, ...]:
+    """Spatial slices of the box holding every non-zero voxel of a channel-first mask (any channel), grown by
+    ``margin`` voxels and clipped to the array: MONAI's ``generate_spatial_bounding_box`` as slices (an empty mask
+    gives empty slices).
+
+    Example:
+        >>> bounding_box(np.pad(np.ones((1, 2, 2)), ((0, 0), (3, 3), (1, 5))), margin=1)
+        (slice(2, 6, None), slice(0, 4, None))
+    """
+    start, end = generate_spatial_bounding_box(mask, margin=margin, allow_smaller=True)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, end, strict=True))
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:
@@ -608,8 +622,7 @@ def _components_touching(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
     for c in range(pred.shape[0]):
         if not pred[c].any():
             continue
-        start, end = generate_spatial_bounding_box(pred[c : c + 1], allow_smaller=True)
-        box = tuple(slice(a, b) for a, b in zip(start, end, strict=True))
+        box = bounding_box(pred[c : c + 1])
         labels, n = ndimage.label(pred[c][box], structure=structure)
         if n:
             touching = np.unique(labels[region[box] & (labels > 0)])
@@ -648,11 +661,7 @@ class AddInfectionToLungsd(MapTransform):
             outside = infection & (lungs == 0)
             if outside.any() and lungs.any():
                 lungs = lungs.copy()
-                coords = np.nonzero(outside)
-                box = tuple(
-                    slice(max(int(c.min()) - 8, 0), min(int(c.max()) + 9, n))
-                    for c, n in zip(coords, lungs.shape, strict=True)
-                )
+                box = bounding_box(outside[None], margin=8)
                 lung_box = lungs[box]
                 if lung_box.any():
                     nearest = ndimage.distance_transform_edt(
