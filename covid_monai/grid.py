@@ -11,7 +11,7 @@ happen with the bundle's transforms) falls back to MONAI's ``SpatialResample``.
 
 Voxels of the scan that fall outside the network's grid (cropped away) get 0. On the way in,
 :class:`SeparableSpacingd` lets MONAI's ``Spacingd`` decide the grid and carries the resampling out the same way,
-slab by slab.
+slab by slab. Slabs run on as many threads as PyTorch uses (numpy's gathers release the GIL).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from monai.transforms import MapTransform, Spacingd, SpatialResample
 from monai.utils import ensure_tuple_rep, get_equivalent_dtype
 from scipy import ndimage
 
+from covid_monai.parallel import map_in_threads
 from covid_monai.transforms import bounding_box
 
 __all__ = [
@@ -149,8 +150,9 @@ def resample_in_slabs(
 ) -> np.ndarray | None:
     """:func:`resample_separable` filling the target ``slab`` slices of its last axis at a time.
 
-    The temporaries are those of one slab, so the memory beyond the source and the output does not grow with the
-    number of slices.
+    The temporaries are those of one slab per thread (slabs run side by side,
+    :func:`~covid_monai.parallel.map_in_threads`), so the memory beyond the source and the output does not grow with
+    the number of slices.
 
     Args:
         array, target_to_source, shape, mode, padding: as for :func:`resample_separable`.
@@ -163,12 +165,16 @@ def resample_in_slabs(
     if _axis_map(matrix[:3, :3]) is None:
         return None
     out = np.empty((array.shape[0], *shape), dtype=array.dtype)
-    for first in range(0, shape[-1], max(int(slab), 1)):
-        depth = min(int(slab), shape[-1] - first)
+    slab = max(int(slab), 1)
+
+    def fill_slab(first: int) -> None:  # writes only its own slices of ``out``
+        depth = min(slab, shape[-1] - first)
         start = [0] * (len(shape) - 1) + [first]
         out[..., first : first + depth] = resample_separable(
             array, _shifted(matrix, start), (*shape[:-1], depth), mode, padding
         )
+
+    map_in_threads(fill_slab, range(0, shape[-1], slab))
     return out
 
 
@@ -181,7 +187,7 @@ class SeparableSpacingd(Spacingd):
     :func:`resample_in_slabs` (``border`` padding, the default; the same values to float rounding). Any other case
     (nearest, whose ties torch rounds to even, other paddings or dtypes, oblique maps, and a grid within
     ``AFFINE_TOL`` of the scan's, which eager ``Spacingd`` keeps as it is) goes through MONAI's own resampling. No
-    full sampling grid is built: the memory beyond input and output is one slab's.
+    full sampling grid is built: the memory beyond input and output is one slab's per thread.
 
     Args:
         slab: output slices per step.
@@ -321,8 +327,9 @@ class MaskFromSourceProbabilityd(MapTransform):
     decision of the post-processing (components outside the lungs, small lesions) made on the network grid holds.
 
     The scan's grid is filled ``slab`` slices at a time and the probability is interpolated only inside the box of
-    the kept region in each slab, so the memory beyond the uint8 output stays that of one slab whatever the number
-    of slices. The probability key stays on the network grid (:func:`to_source_grid` maps it back when it is saved).
+    the kept region in each slab (slabs side by side on PyTorch's thread count), so the memory beyond the uint8 output
+    stays that of one slab per thread whatever the number of slices. The probability key stays on the network grid
+    (:func:`to_source_grid` maps it back when it is saved).
 
     Args:
         keys: post-processed masks on the network grid (``(1, X, Y, Z)``, > 0 is foreground).
@@ -374,18 +381,21 @@ class MaskFromSourceProbabilityd(MapTransform):
         values = probability.detach().cpu().numpy()
         kept = region.detach().cpu().numpy()
         out = np.zeros((max(values.shape[0], kept.shape[0]), *shape), dtype=np.uint8)
-        for first in range(0, shape[-1], self.slab):
+
+        def fill_slab(first: int) -> None:  # writes only its own slices of ``out``
             depth = min(self.slab, shape[-1] - first)
             start = [0] * (len(shape) - 1) + [first]
             inside = resample_separable(kept, _shifted(to_region, start), (*shape[:-1], depth), "nearest")
             if not inside.any():
-                continue
+                return
             box = bounding_box(inside)
             corner = [a + b.start for a, b in zip(start, box, strict=True)]
             size = [b.stop - b.start for b in box]
             above = resample_separable(values, _shifted(to_probability, corner), size, "linear") >= self.threshold
             target = (slice(None), *box[:-1], slice(first + box[-1].start, first + box[-1].stop))
             out[target] = above & (inside[(slice(None), *box)] > 0)
+
+        map_in_threads(fill_slab, range(0, shape[-1], self.slab))
         return out
 
 

@@ -34,6 +34,8 @@ from monai.utils import convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 from nibabel.orientations import io_orientation
 from scipy import ndimage
 
+from covid_monai.parallel import map_in_threads
+
 __all__ = [
     "LEFT_LUNG",
     "RIGHT_LUNG",
@@ -98,18 +100,29 @@ def _axial_structure() -> np.ndarray:
     return st
 
 
-def _fill_holes_axial(mask: np.ndarray) -> np.ndarray:
-    """Fill holes slice by slice (axial axis last): background not connected in-plane to the slice border."""
-    background, n = ndimage.label(~mask, structure=_axial_structure())
-    if n == 0:
-        return mask
-    border = np.concatenate(
-        [background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(), background[:, -1].ravel()]
-    )
-    outside = np.zeros(n + 1, dtype=bool)
-    outside[np.unique(border)] = True
-    outside[0] = False  # label 0 is the mask itself
-    return ~outside[background]
+def _fill_holes_axial(mask: np.ndarray, slab: int = 32) -> np.ndarray:
+    """Fill holes slice by slice (axial axis last): background not connected in-plane to the slice border.
+
+    Slices are independent, so slabs of ``slab`` slices are filled side by side (:func:`map_in_threads`).
+    """
+    out = np.empty(mask.shape, dtype=bool)
+
+    def fill_slab(first: int) -> None:  # writes only its own slices of ``out``
+        part = mask[..., first : first + slab]
+        background, n = ndimage.label(~part, structure=_axial_structure())
+        if n == 0:
+            out[..., first : first + slab] = part
+            return
+        border = np.concatenate(
+            [background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(), background[:, -1].ravel()]
+        )
+        outside = np.zeros(n + 1, dtype=bool)
+        outside[np.unique(border)] = True
+        outside[0] = False  # label 0 is the mask itself
+        out[..., first : first + slab] = ~outside[background]
+
+    map_in_threads(fill_slab, range(0, mask.shape[-1], slab))
+    return out
 
 
 def _component_sizes(labels: np.ndarray, n: int) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
@@ -373,8 +386,9 @@ def lung_mask_from_hu(
         for b, m in pieces:
             mask[tuple(slice(s.start - u.start, s.stop - u.start) for s, u in zip(b, box, strict=True))] |= m
         merged.append((name, box, mask))
-    filled = []
-    for name, box, mask in merged:
+
+    def close_and_fill(side: tuple[int, tuple[slice, ...], np.ndarray]) -> tuple[int, tuple[slice, ...], np.ndarray]:
+        name, box, mask = side
         margin = [
             int(math.ceil(closing_mm / s)) + 2 * f + 1 if s > 0 else 0 for s, f in zip(spacing, factors, strict=True)
         ]
@@ -388,7 +402,9 @@ def lung_mask_from_hu(
             coarse = _block_max(fine, factors)
             closed = _closing_edt(coarse, closing_mm, [s * f for s, f in zip(spacing, factors, strict=True)])
             fine |= _block_up(closed & ~coarse, factors, fine.shape)
-        filled.append((name, crop, _fill_holes_axial(fine)))
+        return name, crop, _fill_holes_axial(fine)
+
+    filled = map_in_threads(close_and_fill, merged)  # the two sides side by side
     for name, box, mask in merged:
         out_work[box][mask] = name
     for name, crop, fine in filled:
@@ -554,23 +570,26 @@ class RestrictToLungsd(MapTransform):
 
         The distance transform runs on the lungs' bounding box padded by the largest limit, in slabs of the last
         axis that overlap by that limit: exact for every distance up to the limit, with memory bounded by one slab
-        whatever the number of slices.
+        per thread whatever the number of slices (slabs run side by side, :func:`~covid_monai.parallel.map_in_threads`).
         """
         reach = max(limits_mm)
         margin = [int(math.ceil(reach / s)) + 1 for s in spacing]
         start, end = generate_spatial_bounding_box(lungs[None], margin=margin, allow_smaller=True)
         near = [np.zeros(lungs.shape, dtype=bool) for _ in limits_mm]
         step = max(self.slab, 2 * margin[-1])
-        for first in range(start[-1], end[-1], step):
+
+        def fill_slab(first: int) -> None:  # writes only its own slices of ``near``
             last = min(first + step, end[-1])
             low, high = max(start[-1], first - margin[-1]), min(end[-1], last + margin[-1])
             window = (*(slice(a, b) for a, b in zip(start[:-1], end[:-1], strict=True)), slice(low, high))
             if not lungs[window].any():
-                continue
+                return
             distance = ndimage.distance_transform_edt(~lungs[window], sampling=spacing)[..., first - low : last - low]
             core = (*window[:-1], slice(first, last))
             for out, limit in zip(near, limits_mm, strict=True):
                 out[core] = distance <= limit
+
+        map_in_threads(fill_slab, range(start[-1], end[-1], step))
         return near
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -625,8 +644,10 @@ def _components_touching(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
         box = bounding_box(pred[c : c + 1])
         labels, n = ndimage.label(pred[c][box], structure=structure)
         if n:
-            touching = np.unique(labels[region[box] & (labels > 0)])
-            keep[c][box] = np.isin(labels, touching[touching > 0])
+            touching = np.zeros(n + 1, dtype=bool)  # a look-up table by label: one gather, not a search per voxel
+            touching[labels[region[box]]] = True
+            touching[0] = False
+            keep[c][box] = touching[labels]
     return keep
 
 
