@@ -102,14 +102,31 @@ def quantify_case(
     if lung.shape != inf.shape:
         raise ValueError(f"lungs shape {lung.shape} differs from infection shape {inf.shape}.")
 
-    def pct(region: np.ndarray) -> tuple[int, float | None]:
-        n = int(np.count_nonzero(region))
-        return n, (float(100.0 * np.count_nonzero(inf & region) / n) if n else None)
+    # voxels per lung label, and infected voxels per lung label: two counting passes, no full-size temporaries
+    labels = _lung_categories(lung)
+    per_label = np.bincount(labels.ravel(), minlength=RIGHT_LUNG + 1)
+    infected_per_label = np.bincount(labels[inf], minlength=RIGHT_LUNG + 1)
 
-    n_left, result["pct_left"] = pct(lung == LEFT_LUNG)
-    n_right, result["pct_right"] = pct(lung == RIGHT_LUNG)
-    n_all, result["pct_lungs"] = pct(lung > 0)
+    def pct(n: int, infected: int) -> float | None:
+        return float(100.0 * infected / n) if n else None
+
+    n_left, n_right = int(per_label[LEFT_LUNG]), int(per_label[RIGHT_LUNG])
+    n_all = int(per_label[1:].sum())
+    result["pct_left"] = pct(n_left, int(infected_per_label[LEFT_LUNG]))
+    result["pct_right"] = pct(n_right, int(infected_per_label[RIGHT_LUNG]))
+    result["pct_lungs"] = pct(n_all, int(infected_per_label[1:].sum()))
     result["lung_left_ml"] = n_left * voxel_ml
     result["lung_right_ml"] = n_right * voxel_ml
     result["lung_ml"] = n_all * voxel_ml
     return result
+
+
+def _lung_categories(lung: np.ndarray) -> np.ndarray:
+    """A uint8 lung mask as it is; any other: 0 where <= 0, 1 / 2 where exactly 1 / 2, 3 for other positive values."""
+    if lung.dtype == np.uint8:
+        return lung
+    categories = np.zeros(lung.shape, dtype=np.uint8)
+    categories[lung > 0] = 3
+    categories[lung == LEFT_LUNG] = LEFT_LUNG
+    categories[lung == RIGHT_LUNG] = RIGHT_LUNG
+    return categories

@@ -120,6 +120,27 @@ def test_none_instead_of_nan():
     assert not any(isinstance(v, float) and math.isnan(v) for v in q.values())
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32])
+def test_lung_labels_of_any_dtype_count_the_same(dtype):
+    """Left = 1, right = 2, any other positive value counts only in the total, values <= 0 are background."""
+    rng = np.random.default_rng(3)
+    values = rng.choice(np.array([0, 1, 2, 3, 7], dtype=np.int16), size=(9, 8, 7), p=[0.4, 0.2, 0.2, 0.1, 0.1])
+    if dtype != np.uint8:
+        values = np.where(rng.random(values.shape) < 0.1, -1, values)  # negative: background
+    lungs = values.astype(dtype)
+    if dtype == np.float32:
+        lungs[rng.random(lungs.shape) < 0.05] = 0.5  # positive but neither 1 nor 2
+    inf = (rng.random(lungs.shape) < 0.3).astype(np.uint8)
+    q = quantify_case(inf, np.eye(4), lungs)
+    left, right, lung = lungs == 1, lungs == 2, lungs > 0
+    assert q["lung_left_ml"] == pytest.approx(left.sum() / 1000.0)
+    assert q["lung_right_ml"] == pytest.approx(right.sum() / 1000.0)
+    assert q["lung_ml"] == pytest.approx(lung.sum() / 1000.0)
+    assert q["pct_left"] == pytest.approx(100.0 * (inf.astype(bool) & left).sum() / left.sum())
+    assert q["pct_right"] == pytest.approx(100.0 * (inf.astype(bool) & right).sum() / right.sum())
+    assert q["pct_lungs"] == pytest.approx(100.0 * (inf.astype(bool) & lung).sum() / lung.sum())
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="shape"):
         quantify_case(np.zeros((4, 4, 4)), np.eye(4), np.zeros((4, 4, 5)))
