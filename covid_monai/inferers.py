@@ -91,14 +91,17 @@ class AutocastInferer(SimpleInferer):
         super().__init__()
         self.enabled = enabled
 
-    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Run ``network(inputs)``; on a bf16-capable CPU under bf16 autocast, returning fp32 logits."""
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``network(inputs)``; on a bf16-capable CPU under bf16 autocast, returning fp32 logits (a list of
+        them for a deeply supervised network in training mode)."""
         if not self.enabled or inputs.device.type != "cpu" or autocast_dtype(inputs.device) is None:
             return super().__call__(inputs, network, *args, **kwargs)
         if inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs = super().__call__(inputs, network, *args, **kwargs)
+        if isinstance(outputs, list | tuple):  # a deeply supervised network in training mode
+            return [output.float() for output in outputs]
         return outputs.float()
 
 

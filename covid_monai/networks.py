@@ -8,11 +8,13 @@ the sigmoid is applied by the loss (``sigmoid=True``) and by the post-processing
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.networks.nets import BasicUNet
 from monai.networks.nets.basic_unet import UpCat
 
-__all__ = ["seed_unet", "unet_features"]
+__all__ = ["DeepSupervisedUNet", "seed_unet", "unet_features"]
 
 
 def unet_features(width: int = 32) -> tuple[int, int, int, int, int, int]:
@@ -33,12 +35,52 @@ def unet_features(width: int = 32) -> tuple[int, int, int, int, int, int]:
     return (width, 2 * width, 4 * width, 8 * width, 16 * width, width)
 
 
+class DeepSupervisedUNet(BasicUNet):
+    """``BasicUNet`` with auxiliary 1x1-convolution heads on its coarser decoder levels, for deep supervision.
+
+    In training mode the forward pass returns ``[logits, aux_1, ..., aux_n]``: the full-resolution logits, then
+    logits of the decoder levels at 1/2, 1/4, ... of the input size (MONAI's ``DeepSupervisionLoss`` takes that list
+    and resizes the label to each). In eval mode it returns the full-resolution logits only, exactly as
+    ``BasicUNet`` (the heads are not run), so inference, tracing and evaluation are unchanged.
+
+    Args:
+        levels: auxiliary heads, 1 to 3 (decoder outputs at 1/2, 1/4 and 1/8 of the input size).
+        Others: as for ``monai.networks.nets.BasicUNet`` (2D; ``features`` has six entries).
+    """
+
+    def __init__(self, *args: Any, levels: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not 1 <= levels <= 3:
+            raise ValueError(f"deep supervision needs 1 to 3 auxiliary levels, got {levels}")
+        out_channels = self.final_conv.out_channels
+        # decoder outputs: upcat_2 -> features[1] at 1/2, upcat_3 -> features[2] at 1/4, upcat_4 -> features[3] at 1/8
+        channels = [self.upcat_2.convs.conv_0.conv.out_channels, self.upcat_3.convs.conv_0.conv.out_channels,
+                    self.upcat_4.convs.conv_0.conv.out_channels][:levels]
+        self.aux_heads = torch.nn.ModuleList(torch.nn.Conv2d(c, out_channels, kernel_size=1) for c in channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
+        """Logits ``(B, C, H, W)``; in training mode the list ``[logits, 1/2-size logits, ...]``."""
+        if not self.training:
+            return super().forward(x)
+        x0 = self.conv_0(x)
+        x1 = self.down_1(x0)
+        x2 = self.down_2(x1)
+        x3 = self.down_3(x2)
+        x4 = self.down_4(x3)
+        u4 = self.upcat_4(x4, x3)
+        u3 = self.upcat_3(u4, x2)
+        u2 = self.upcat_2(u3, x1)
+        logits = self.final_conv(self.upcat_1(u2, x0))
+        return [logits, *(head(u) for head, u in zip(self.aux_heads, (u2, u3, u4), strict=False))]
+
+
 def seed_unet(
     in_channels: int = 1,
     out_channels: int = 1,
     width: int = 32,
     norm: str | tuple | None = None,
     dropout: float = 0.0,
+    deep_supervision: int = 0,
 ) -> BasicUNet:
     """The seed study's 2D U-Net as a MONAI ``BasicUNet``.
 
@@ -49,6 +91,8 @@ def seed_unet(
         norm: normalisation after each convolution: ``None`` as in the seed, or a MONAI norm name such as
             ``"batch"`` or ``"instance"`` (faster, steadier convergence on small data).
         dropout: dropout ratio in every convolution block.
+        deep_supervision: auxiliary output heads on the decoder (0: none; 1-3: a :class:`DeepSupervisedUNet`
+            whose training-mode output is a list for MONAI's ``DeepSupervisionLoss``; eval mode is unchanged).
 
     Returns:
         A 2D network mapping ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, W)``;
@@ -59,7 +103,8 @@ def seed_unet(
         >>> seed_unet(width=8)(torch.zeros(2, 1, 64, 64)).shape
         torch.Size([2, 1, 64, 64])
     """
-    network = BasicUNet(
+    extra = {"levels": int(deep_supervision)} if deep_supervision else {}
+    network = (DeepSupervisedUNet if deep_supervision else BasicUNet)(
         spatial_dims=2,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -69,6 +114,7 @@ def seed_unet(
         bias=True,
         dropout=dropout,
         upsample="deconv",
+        **extra,
     )
     # Every pipeline feeds sizes divisible by 16, so the decoder's size-matching pad is a no-op copy that also
     # drops the channels-last layout (30 % of the CPU inference time); skip it and check the input size instead.

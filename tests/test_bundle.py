@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from covid_monai.bundle import TEMPLATE_BUNDLE, create_bundle, load_config, read_knobs, validate_override_value
+from covid_monai.inference import run_batch
 from covid_monai.train import train_bundle
 from tests.conftest import TINY_KNOBS
 
@@ -45,6 +46,23 @@ def test_train_writes_best_and_latest_checkpoints(trained):
     network = load_config(trained, ["inference.json"], {"device": "cpu"}).get_parsed_content("network_def")
     network.load_state_dict(best)  # the trained bundle's inference config rebuilds the trained network
     assert read_knobs(trained)["network_width"] == TINY_KNOBS["network_width"]
+
+
+def test_deep_supervision_trains_and_infers(tmp_path, phantoms):
+    """``deep_supervision``: MONAI's DeepSupervisionLoss on the heads in training; inference runs the main output."""
+    out = tmp_path / "bundle"
+    train_bundle(phantoms, out, {**TINY_KNOBS, "deep_supervision": 2}, device="cpu", val_fraction=0.25)
+    parser = load_config(out, ["train.json"], {"device": "cpu"})
+    assert type(parser.get_parsed_content("loss")).__name__ == "DeepSupervisionLoss"
+    best = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert {k.split(".")[1] for k in best if k.startswith("aux_heads.")} == {"0", "1"}
+    latest = torch.load(out / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    assert latest["trainer"]["iteration"] == latest["trainer"]["epoch_length"]  # the epoch ran, metrics included
+    image = sorted((phantoms / "images").glob("*.nii.gz"))[0]
+    (result,) = run_batch([image], tmp_path / "pred", out, device="cpu", workers=0, progress=False)
+    assert result.status == "ok", result.error
+    mask = nib.load(str(tmp_path / "pred" / image.name.replace(".nii.gz", "_infection.nii.gz")))
+    assert mask.shape == nib.load(str(image)).shape
 
 
 def test_resume_continues_to_configured_epochs(tmp_path, phantoms):

@@ -34,3 +34,22 @@ def test_width_norm_and_shapes():
             net(torch.zeros(1, 3, 50, 70))
     with pytest.raises(ValueError):
         unet_features(0)
+
+
+def test_deep_supervision_heads_in_training_only():
+    torch.manual_seed(0)
+    net = seed_unet(width=8, norm="batch", deep_supervision=3)
+    x = torch.randn(2, 1, 64, 96)
+    outputs = net.train()(x)
+    assert [tuple(o.shape) for o in outputs] == [(2, 1, 64, 96), (2, 1, 32, 48), (2, 1, 16, 24), (2, 1, 8, 12)]
+    # every head is trained: a loss on the auxiliary outputs alone reaches its head's weights
+    sum(o.mean() for o in outputs[1:]).backward()
+    assert all(head.weight.grad is not None and head.weight.grad.abs().sum() > 0 for head in net.aux_heads)
+    # eval mode: exactly the plain U-Net with the same weights (the heads are not run)
+    plain = seed_unet(width=8, norm="batch").eval()
+    missing = plain.load_state_dict(net.state_dict(), strict=False)
+    assert not missing.missing_keys and all(k.startswith("aux_heads.") for k in missing.unexpected_keys)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="1 to 3"):
+        seed_unet(width=8, deep_supervision=4)
