@@ -9,9 +9,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from covid_monai.parallel import map_in_threads
 from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG, bounding_box
 
 __all__ = ["quantify_case", "voxel_volume_ml"]
+
+_COUNT_SLAB = 32  # slices of the last axis per counting step
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
@@ -102,31 +105,24 @@ def quantify_case(
     if lung.shape != inf.shape:
         raise ValueError(f"lungs shape {lung.shape} differs from infection shape {inf.shape}.")
 
-    # voxels per lung label, and infected voxels per lung label: two counting passes, no full-size temporaries
-    labels = _lung_categories(lung)
-    per_label = np.bincount(labels.ravel(), minlength=RIGHT_LUNG + 1)
-    infected_per_label = np.bincount(labels[inf], minlength=RIGHT_LUNG + 1)
+    # voxels of each lung and infected voxels of each lung, counted slab by slab (side by side): slab-sized
+    # temporaries only
+    def count_slab(first: int) -> np.ndarray:
+        part, infected = lung[..., first : first + _COUNT_SLAB], inf[..., first : first + _COUNT_SLAB]
+        regions = (part == LEFT_LUNG, part == RIGHT_LUNG, part > 0)
+        return np.array([np.count_nonzero(r) for r in regions] + [np.count_nonzero(r & infected) for r in regions])
+
+    counts = sum(map_in_threads(count_slab, range(0, lung.shape[-1], _COUNT_SLAB)), np.zeros(6, dtype=np.int64))
+    n_left, n_right, n_all, infected_left, infected_right, infected_all = (int(c) for c in counts)
 
     def pct(n: int, infected: int) -> float | None:
         return float(100.0 * infected / n) if n else None
 
-    n_left, n_right = int(per_label[LEFT_LUNG]), int(per_label[RIGHT_LUNG])
-    n_all = int(per_label[1:].sum())
-    result["pct_left"] = pct(n_left, int(infected_per_label[LEFT_LUNG]))
-    result["pct_right"] = pct(n_right, int(infected_per_label[RIGHT_LUNG]))
-    result["pct_lungs"] = pct(n_all, int(infected_per_label[1:].sum()))
+    result["pct_left"] = pct(n_left, infected_left)
+    result["pct_right"] = pct(n_right, infected_right)
+    result["pct_lungs"] = pct(n_all, infected_all)
     result["lung_left_ml"] = n_left * voxel_ml
     result["lung_right_ml"] = n_right * voxel_ml
     result["lung_ml"] = n_all * voxel_ml
     return result
 
-
-def _lung_categories(lung: np.ndarray) -> np.ndarray:
-    """A uint8 lung mask as it is; any other: 0 where <= 0, 1 / 2 where exactly 1 / 2, 3 for other positive values."""
-    if lung.dtype == np.uint8:
-        return lung
-    categories = np.zeros(lung.shape, dtype=np.uint8)
-    categories[lung > 0] = 3
-    categories[lung == LEFT_LUNG] = LEFT_LUNG
-    categories[lung == RIGHT_LUNG] = RIGHT_LUNG
-    return categories
