@@ -12,7 +12,7 @@ from scipy import ndimage
 from covid_monai.parallel import map_in_threads
 from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG, bounding_box
 
-__all__ = ["quantify_case", "voxel_volume_ml"]
+__all__ = ["count_components", "quantify_case", "voxel_volume_ml"]
 
 _COUNT_SLAB = 32  # slices of the last axis per counting step
 
@@ -85,9 +85,8 @@ def quantify_case(
     inf = _squeeze_channel(infection, "infection") > 0
     voxel_ml = voxel_volume_ml(affine)
     n_inf = int(np.count_nonzero(inf))
-    # label the infection's bounding box only: the same components in a fraction of the time
-    box = bounding_box(inf[None])
-    lesions = ndimage.label(inf[box], structure=np.ones((3, 3, 3), dtype=bool))[1] if n_inf else 0
+    # count in the infection's bounding box only: the same components in a fraction of the time
+    lesions = count_components(inf[bounding_box(inf[None])]) if n_inf else 0
     result: dict[str, float | int | None] = {
         "voxel_ml": voxel_ml,
         "infection_ml": n_inf * voxel_ml,
@@ -126,3 +125,54 @@ def quantify_case(
     result["lung_ml"] = n_all * voxel_ml
     return result
 
+
+def count_components(mask: np.ndarray, slab: int = 64) -> int:
+    """Number of 26-connected components of a 3D mask (any value > 0), counted slab by slab.
+
+    Slabs of ``slab`` slices of the last axis are labelled side by side (:func:`map_in_threads`); the components
+    that continue across a slab face (26-connectivity: the 3x3 neighbours in the next slice) are joined with a
+    union-find over the labels of the two face planes. The count equals ``scipy.ndimage.label``'s on the whole
+    mask, with one slab's labels in memory per thread instead of the whole mask's.
+
+    Example:
+        >>> m = np.zeros((4, 4, 6), bool); m[0, 0, :3] = True; m[1, 1, 3:] = True; m[3, 3, 0] = True
+        >>> count_components(m, slab=3)  # the first two touch diagonally across the slab face
+        2
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"count_components expects a 3D mask, got shape {mask.shape}.")
+    structure = np.ones((3, 3, 3), dtype=bool)
+    slab = max(int(slab), 1)
+
+    def label_slab(first: int) -> tuple[int, np.ndarray, np.ndarray]:
+        labels, n = ndimage.label(mask[..., first : first + slab] > 0, structure=structure)
+        return int(n), labels[..., 0].copy(), labels[..., -1].copy()
+
+    parts = map_in_threads(label_slab, range(0, mask.shape[-1], slab))
+    offsets = np.cumsum([0] + [n for n, _, _ in parts])
+    parent = np.arange(int(offsets[-1]) + 1)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    joined = 0
+    nx, ny = mask.shape[:2]
+    base = int(offsets[-1]) + 1
+    for k in range(len(parts) - 1):
+        last, first = parts[k][2], parts[k + 1][1]
+        pairs = []
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):  # voxel (x, y) of the last plane touches (x + dx, y + dy) of the next slab's first
+                a = last[max(-dx, 0) : nx - max(dx, 0), max(-dy, 0) : ny - max(dy, 0)]
+                b = first[max(dx, 0) : nx - max(-dx, 0), max(dy, 0) : ny - max(-dy, 0)]
+                both = (a > 0) & (b > 0)  # each touching pair as one int64 key, so np.unique stays 1D and fast
+                pairs.append(np.unique((a[both] + offsets[k]).astype(np.int64) * base + (b[both] + offsets[k + 1])))
+        for key in np.unique(np.concatenate(pairs)):
+            ri, rj = root(int(key // base)), root(int(key % base))
+            if ri != rj:
+                parent[ri] = rj
+                joined += 1
+    return int(offsets[-1]) - joined

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import covid_monai.quantify
-from covid_monai.quantify import quantify_case, voxel_volume_ml
+from covid_monai.quantify import count_components, quantify_case, voxel_volume_ml
 
 SPACING = (0.8, 0.8, 2.5)
 
@@ -139,6 +139,21 @@ def test_lung_labels_of_any_dtype_count_the_same(dtype):
     assert q["pct_left"] == pytest.approx(100.0 * (inf.astype(bool) & left).sum() / left.sum())
     assert q["pct_right"] == pytest.approx(100.0 * (inf.astype(bool) & right).sum() / right.sum())
     assert q["pct_lungs"] == pytest.approx(100.0 * (inf.astype(bool) & lung).sum() / lung.sum())
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.3, 0.5])
+def test_slab_component_count_equals_whole_volume_labelling(density):
+    """Components joined across slab faces (26-connectivity) give scipy's count for any slab size."""
+    from scipy import ndimage
+
+    mask = np.random.default_rng(int(density * 100)).random((30, 25, 40)) < density
+    expected = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))[1]
+    assert expected >= 1
+    for slab in (1, 2, 3, 7, 64):
+        assert count_components(mask, slab=slab) == expected
+    assert count_components(np.zeros((4, 4, 9), np.uint8), slab=2) == 0
+    with pytest.raises(ValueError, match="3D"):
+        count_components(np.zeros((4, 4)))
 
 
 def test_bad_inputs():
