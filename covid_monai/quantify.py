@@ -82,11 +82,10 @@ def quantify_case(
         >>> round(q["infection_ml"], 6), q["lesions"], q["pct_left"], q["pct_right"]
         (0.064, 1, 1.6, 0.0)
     """
-    inf = _squeeze_channel(infection, "infection") > 0
+    inf = _squeeze_channel(infection, "infection")  # every step below looks at it slab by slab (> 0)
     voxel_ml = voxel_volume_ml(affine)
     n_inf = int(np.count_nonzero(inf))
-    # count in the infection's bounding box only: the same components in a fraction of the time
-    lesions = count_components(inf[bounding_box(inf[None])]) if n_inf else 0
+    lesions = count_components(inf) if n_inf else 0
     result: dict[str, float | int | None] = {
         "voxel_ml": voxel_ml,
         "infection_ml": n_inf * voxel_ml,
@@ -107,7 +106,7 @@ def quantify_case(
     # voxels of each lung and infected voxels of each lung, counted slab by slab (side by side): slab-sized
     # temporaries only
     def count_slab(first: int) -> np.ndarray:
-        part, infected = lung[..., first : first + _COUNT_SLAB], inf[..., first : first + _COUNT_SLAB]
+        part, infected = lung[..., first : first + _COUNT_SLAB], inf[..., first : first + _COUNT_SLAB] > 0
         regions = (part == LEFT_LUNG, part == RIGHT_LUNG, part > 0)
         return np.array([np.count_nonzero(r) for r in regions] + [np.count_nonzero(r & infected) for r in regions])
 
@@ -129,10 +128,11 @@ def quantify_case(
 def count_components(mask: np.ndarray, slab: int = 64) -> int:
     """Number of 26-connected components of a 3D mask (any value > 0), counted slab by slab.
 
-    Slabs of ``slab`` slices of the last axis are labelled side by side (:func:`map_in_threads`); the components
-    that continue across a slab face (26-connectivity: the 3x3 neighbours in the next slice) are joined with a
-    union-find over the labels of the two face planes. The count equals ``scipy.ndimage.label``'s on the whole
-    mask, with one slab's labels in memory per thread instead of the whole mask's.
+    Slabs of ``slab`` slices of the last axis are labelled side by side (:func:`map_in_threads`), each inside its
+    own bounding box, without a full-size copy of the mask; the components that continue across a slab face
+    (26-connectivity: the 3x3 neighbours in the next slice) are joined with a union-find over the labels of the two
+    face planes. The count equals ``scipy.ndimage.label``'s on the whole mask, with one slab's labels in memory per
+    thread instead of the whole mask's.
 
     Example:
         >>> m = np.zeros((4, 4, 6), bool); m[0, 0, :3] = True; m[1, 1, 3:] = True; m[3, 3, 0] = True
@@ -144,9 +144,22 @@ def count_components(mask: np.ndarray, slab: int = 64) -> int:
     structure = np.ones((3, 3, 3), dtype=bool)
     slab = max(int(slab), 1)
 
-    def label_slab(first: int) -> tuple[int, np.ndarray, np.ndarray]:
-        labels, n = ndimage.label(mask[..., first : first + slab] > 0, structure=structure)
-        return int(n), labels[..., 0].copy(), labels[..., -1].copy()
+    nx, ny = mask.shape[:2]
+
+    def label_slab(first: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+        """Components of one slab (labelled in its own box) and the labels on its first and last planes."""
+        part = mask[..., first : first + slab] > 0
+        box = bounding_box(part[None])
+        if box[0].stop <= box[0].start:
+            return 0, None, None
+        labels, n = ndimage.label(part[box], structure=structure)
+        faces = []
+        for touches, plane in ((box[2].start == 0, 0), (box[2].stop == part.shape[2], -1)):
+            face = np.zeros((nx, ny), dtype=labels.dtype) if touches else None
+            if face is not None:
+                face[box[:2]] = labels[..., plane]
+            faces.append(face)
+        return int(n), faces[0], faces[1]
 
     parts = map_in_threads(label_slab, range(0, mask.shape[-1], slab))
     offsets = np.cumsum([0] + [n for n, _, _ in parts])
@@ -159,10 +172,11 @@ def count_components(mask: np.ndarray, slab: int = 64) -> int:
         return i
 
     joined = 0
-    nx, ny = mask.shape[:2]
     base = int(offsets[-1]) + 1
     for k in range(len(parts) - 1):
         last, first = parts[k][2], parts[k + 1][1]
+        if last is None or first is None:  # nothing crosses this slab face
+            continue
         pairs = []
         for dx in (-1, 0, 1):
             for dy in (-1, 0, 1):  # voxel (x, y) of the last plane touches (x + dx, y + dy) of the next slab's first

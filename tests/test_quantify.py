@@ -152,6 +152,15 @@ def test_slab_component_count_equals_whole_volume_labelling(density):
     for slab in (1, 2, 3, 7, 64):
         assert count_components(mask, slab=slab) == expected
     assert count_components(np.zeros((4, 4, 9), np.uint8), slab=2) == 0
+    # empty slabs, components inside one slab away from its faces, one crossing a face off the box corner
+    sparse = np.zeros((20, 20, 30), np.uint8)
+    sparse[2:4, 2:4, 2:4] = 1  # inside slab 0 (slab 10), not touching its faces
+    sparse[15:18, 5:7, 8:10] = 1  # ends on slab 0's last plane...
+    sparse[18, 7, 10:13] = 1  # ...continues diagonally into slab 1
+    sparse[10, 10, 25] = 2  # slab 2; slab 1 otherwise empty of faces
+    expected = ndimage.label(sparse, structure=np.ones((3, 3, 3), dtype=bool))[1]
+    assert expected == 3
+    assert [count_components(sparse, slab=k) for k in (1, 4, 10, 30)] == [expected] * 4
     with pytest.raises(ValueError, match="3D"):
         count_components(np.zeros((4, 4)))
 
