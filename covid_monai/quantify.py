@@ -83,6 +83,8 @@ def quantify_case(
         (0.064, 1, 1.6, 0.0)
     """
     inf = _squeeze_channel(infection, "infection")  # every step below looks at it slab by slab (> 0)
+    if inf.dtype != bool and inf.dtype.kind != "u":  # signed or float values: only those > 0 are infection
+        inf = inf > 0
     voxel_ml = voxel_volume_ml(affine)
     n_inf = int(np.count_nonzero(inf))
     lesions = count_components(inf) if n_inf else 0

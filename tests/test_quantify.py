@@ -139,6 +139,8 @@ def test_lung_labels_of_any_dtype_count_the_same(dtype):
     assert q["pct_left"] == pytest.approx(100.0 * (inf.astype(bool) & left).sum() / left.sum())
     assert q["pct_right"] == pytest.approx(100.0 * (inf.astype(bool) & right).sum() / right.sum())
     assert q["pct_lungs"] == pytest.approx(100.0 * (inf.astype(bool) & lung).sum() / lung.sum())
+    # an infection map with negative background values: only values > 0 count, as for the 0/1 mask
+    assert quantify_case(np.where(inf > 0, 0.7, -1.0).astype(np.float32), np.eye(4), lungs) == q
 
 
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.3, 0.5])
