@@ -574,22 +574,23 @@ class RestrictToLungsd(MapTransform):
         """
         reach = max(limits_mm)
         margin = [int(math.ceil(reach / s)) + 1 for s in spacing]
-        start, end = generate_spatial_bounding_box(lungs[None], margin=margin, allow_smaller=True)
+        box = bounding_box(lungs[None], margin=margin)
+        start, end = box[-1].start, box[-1].stop
         near = [np.zeros(lungs.shape, dtype=bool) for _ in limits_mm]
         step = max(self.slab, 2 * margin[-1])
 
         def fill_slab(first: int) -> None:  # writes only its own slices of ``near``
-            last = min(first + step, end[-1])
-            low, high = max(start[-1], first - margin[-1]), min(end[-1], last + margin[-1])
-            window = (*(slice(a, b) for a, b in zip(start[:-1], end[:-1], strict=True)), slice(low, high))
+            last = min(first + step, end)
+            low, high = max(start, first - margin[-1]), min(end, last + margin[-1])
+            window = (*box[:-1], slice(low, high))
             if not lungs[window].any():
                 return
             distance = ndimage.distance_transform_edt(~lungs[window], sampling=spacing)[..., first - low : last - low]
-            core = (*window[:-1], slice(first, last))
+            core = (*box[:-1], slice(first, last))
             for out, limit in zip(near, limits_mm, strict=True):
                 out[core] = distance <= limit
 
-        map_in_threads(fill_slab, range(start[-1], end[-1], step))
+        map_in_threads(fill_slab, range(start, end, step))
         return near
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
