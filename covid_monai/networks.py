@@ -53,25 +53,29 @@ class DeepSupervisedUNet(BasicUNet):
         if not 1 <= levels <= 3:
             raise ValueError(f"deep supervision needs 1 to 3 auxiliary levels, got {levels}")
         out_channels = self.final_conv.out_channels
-        # decoder outputs: upcat_2 -> features[1] at 1/2, upcat_3 -> features[2] at 1/4, upcat_4 -> features[3] at 1/8
-        channels = [self.upcat_2.convs.conv_0.conv.out_channels, self.upcat_3.convs.conv_0.conv.out_channels,
-                    self.upcat_4.convs.conv_0.conv.out_channels][:levels]
-        self.aux_heads = torch.nn.ModuleList(torch.nn.Conv2d(c, out_channels, kernel_size=1) for c in channels)
+        # decoder blocks whose outputs are supervised: 1/2, 1/4 and 1/8 of the input size
+        self._supervised = [self.upcat_2, self.upcat_3, self.upcat_4][:levels]
+        self.aux_heads = torch.nn.ModuleList(
+            torch.nn.Conv2d(block.convs.conv_0.conv.out_channels, out_channels, kernel_size=1)
+            for block in self._supervised
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
         """Logits ``(B, C, H, W)``; in training mode the list ``[logits, 1/2-size logits, ...]``."""
         if not self.training:
             return super().forward(x)
-        x0 = self.conv_0(x)
-        x1 = self.down_1(x0)
-        x2 = self.down_2(x1)
-        x3 = self.down_3(x2)
-        x4 = self.down_4(x3)
-        u4 = self.upcat_4(x4, x3)
-        u3 = self.upcat_3(u4, x2)
-        u2 = self.upcat_2(u3, x1)
-        logits = self.final_conv(self.upcat_1(u2, x0))
-        return [logits, *(head(u) for head, u in zip(self.aux_heads, (u2, u3, u4), strict=False))]
+        # BasicUNet's own forward pass; the supervised decoder outputs are caught by hooks that live for this call
+        decoded: dict[int, torch.Tensor] = {}
+        hooks = [
+            block.register_forward_hook(lambda _block, _inputs, output, i=i: decoded.__setitem__(i, output))
+            for i, block in enumerate(self._supervised)
+        ]
+        try:
+            logits = super().forward(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [logits, *(head(decoded[i]) for i, head in enumerate(self.aux_heads))]
 
 
 def seed_unet(
