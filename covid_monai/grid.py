@@ -29,7 +29,7 @@ from monai.transforms import MapTransform, Spacingd, SpatialResample
 from monai.utils import ensure_tuple_rep, get_equivalent_dtype
 from scipy import ndimage
 
-from covid_monai.parallel import map_in_threads
+from covid_monai.parallel import map_slabs
 from covid_monai.transforms import bounding_box
 
 __all__ = [
@@ -151,7 +151,7 @@ def resample_in_slabs(
     """:func:`resample_separable` filling the target ``slab`` slices of its last axis at a time.
 
     The temporaries are those of one slab per thread (slabs run side by side,
-    :func:`~covid_monai.parallel.map_in_threads`), so the memory beyond the source and the output does not grow with
+    :func:`~covid_monai.parallel.map_slabs`), so the memory beyond the source and the output does not grow with
     the number of slices.
 
     Args:
@@ -165,16 +165,14 @@ def resample_in_slabs(
     if _axis_map(matrix[:3, :3]) is None:
         return None
     out = np.empty((array.shape[0], *shape), dtype=array.dtype)
-    slab = max(int(slab), 1)
 
-    def fill_slab(first: int) -> None:  # writes only its own slices of ``out``
-        depth = min(slab, shape[-1] - first)
-        start = [0] * (len(shape) - 1) + [first]
-        out[..., first : first + depth] = resample_separable(
-            array, _shifted(matrix, start), (*shape[:-1], depth), mode, padding
+    def fill_slab(part: slice) -> None:  # writes only its own slices of ``out``
+        start = [0] * (len(shape) - 1) + [part.start]
+        out[..., part] = resample_separable(
+            array, _shifted(matrix, start), (*shape[:-1], part.stop - part.start), mode, padding
         )
 
-    map_in_threads(fill_slab, range(0, shape[-1], slab))
+    map_slabs(fill_slab, shape[-1], slab)
     return out
 
 
@@ -382,20 +380,21 @@ class MaskFromSourceProbabilityd(MapTransform):
         kept = region.detach().cpu().numpy()
         out = np.zeros((max(values.shape[0], kept.shape[0]), *shape), dtype=np.uint8)
 
-        def fill_slab(first: int) -> None:  # writes only its own slices of ``out``
-            depth = min(self.slab, shape[-1] - first)
-            start = [0] * (len(shape) - 1) + [first]
-            inside = resample_separable(kept, _shifted(to_region, start), (*shape[:-1], depth), "nearest")
+        def fill_slab(part: slice) -> None:  # writes only its own slices of ``out``
+            start = [0] * (len(shape) - 1) + [part.start]
+            inside = resample_separable(
+                kept, _shifted(to_region, start), (*shape[:-1], part.stop - part.start), "nearest"
+            )
             if not inside.any():
                 return
             box = bounding_box(inside)
             corner = [a + b.start for a, b in zip(start, box, strict=True)]
             size = [b.stop - b.start for b in box]
             above = resample_separable(values, _shifted(to_probability, corner), size, "linear") >= self.threshold
-            target = (slice(None), *box[:-1], slice(first + box[-1].start, first + box[-1].stop))
+            target = (slice(None), *box[:-1], slice(part.start + box[-1].start, part.start + box[-1].stop))
             out[target] = above & (inside[(slice(None), *box)] > 0)
 
-        map_in_threads(fill_slab, range(0, shape[-1], self.slab))
+        map_slabs(fill_slab, shape[-1], self.slab)
         return out
 
 

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["map_in_threads", "worker_threads"]
+__all__ = ["map_in_threads", "map_slabs", "worker_threads"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -45,3 +45,18 @@ def map_in_threads(
         return [function(item) for item in todo]
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="covid-monai-slab") as pool:
         return list(pool.map(function, todo))
+
+
+def map_slabs(
+    function: Callable[[slice], Result], stop: int, size: int, start: int = 0, threads: int | None = None
+) -> list[Result]:
+    """:func:`map_in_threads` over consecutive slabs: ``function(slice(a, b))`` for slices of at most ``size`` that
+    cover ``start`` to ``stop`` (e.g. the slices of an array's last axis).
+
+    Example:
+        >>> map_slabs(lambda part: (part.start, part.stop), 10, 4, threads=1)
+        [(0, 4), (4, 8), (8, 10)]
+    """
+    size = max(int(size), 1)
+    parts = [slice(first, min(first + size, stop)) for first in range(start, stop, size)]
+    return map_in_threads(function, parts, threads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from covid_monai.parallel import map_in_threads
+from covid_monai.parallel import map_slabs
 from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG, bounding_box
 
 __all__ = ["count_components", "quantify_case", "voxel_volume_ml"]
@@ -107,12 +107,12 @@ def quantify_case(
 
     # voxels of each lung and infected voxels of each lung, counted slab by slab (side by side): slab-sized
     # temporaries only
-    def count_slab(first: int) -> np.ndarray:
-        part, infected = lung[..., first : first + _COUNT_SLAB], inf[..., first : first + _COUNT_SLAB] > 0
-        regions = (part == LEFT_LUNG, part == RIGHT_LUNG, part > 0)
+    def count_slab(part: slice) -> np.ndarray:
+        labels, infected = lung[..., part], inf[..., part] > 0
+        regions = (labels == LEFT_LUNG, labels == RIGHT_LUNG, labels > 0)
         return np.array([np.count_nonzero(r) for r in regions] + [np.count_nonzero(r & infected) for r in regions])
 
-    counts = sum(map_in_threads(count_slab, range(0, lung.shape[-1], _COUNT_SLAB)), np.zeros(6, dtype=np.int64))
+    counts = sum(map_slabs(count_slab, lung.shape[-1], _COUNT_SLAB), np.zeros(6, dtype=np.int64))
     n_left, n_right, n_all, infected_left, infected_right, infected_all = (int(c) for c in counts)
 
     def pct(n: int, infected: int) -> float | None:
@@ -130,7 +130,7 @@ def quantify_case(
 def count_components(mask: np.ndarray, slab: int = 64) -> int:
     """Number of 26-connected components of a 3D mask (any value > 0), counted slab by slab.
 
-    Slabs of ``slab`` slices of the last axis are labelled side by side (:func:`map_in_threads`), each inside its
+    Slabs of ``slab`` slices of the last axis are labelled side by side (:func:`map_slabs`), each inside its
     own bounding box, without a full-size copy of the mask; the components that continue across a slab face
     (26-connectivity: the 3x3 neighbours in the next slice) are joined with a union-find over the labels of the two
     face planes. The count equals ``scipy.ndimage.label``'s on the whole mask, with one slab's labels in memory per
@@ -144,13 +144,11 @@ def count_components(mask: np.ndarray, slab: int = 64) -> int:
     if mask.ndim != 3:
         raise ValueError(f"count_components expects a 3D mask, got shape {mask.shape}.")
     structure = np.ones((3, 3, 3), dtype=bool)
-    slab = max(int(slab), 1)
-
     nx, ny = mask.shape[:2]
 
-    def label_slab(first: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    def label_slab(slab_slices: slice) -> tuple[int, np.ndarray | None, np.ndarray | None]:
         """Components of one slab (labelled in its own box) and the labels on its first and last planes."""
-        part = mask[..., first : first + slab] > 0
+        part = mask[..., slab_slices] > 0
         box = bounding_box(part[None])
         if box[0].stop <= box[0].start:
             return 0, None, None
@@ -163,7 +161,7 @@ def count_components(mask: np.ndarray, slab: int = 64) -> int:
             faces.append(face)
         return int(n), faces[0], faces[1]
 
-    parts = map_in_threads(label_slab, range(0, mask.shape[-1], slab))
+    parts = map_slabs(label_slab, mask.shape[-1], slab)
     offsets = np.cumsum([0] + [n for n, _, _ in parts])
     parent = np.arange(int(offsets[-1]) + 1)
 

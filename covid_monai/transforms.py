@@ -34,7 +34,7 @@ from monai.utils import convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 from nibabel.orientations import io_orientation
 from scipy import ndimage
 
-from covid_monai.parallel import map_in_threads
+from covid_monai.parallel import map_in_threads, map_slabs
 
 __all__ = [
     "LEFT_LUNG",
@@ -103,15 +103,14 @@ def _axial_structure() -> np.ndarray:
 def _fill_holes_axial(mask: np.ndarray, slab: int = 32) -> np.ndarray:
     """Fill holes slice by slice (axial axis last): background not connected in-plane to the slice border.
 
-    Slices are independent, so slabs of ``slab`` slices are filled side by side (:func:`map_in_threads`).
+    Slices are independent, so slabs of ``slab`` slices are filled side by side (:func:`map_slabs`).
     """
     out = np.empty(mask.shape, dtype=bool)
 
-    def fill_slab(first: int) -> None:  # writes only its own slices of ``out``
-        part = mask[..., first : first + slab]
-        background, n = ndimage.label(~part, structure=_axial_structure())
+    def fill_slab(part: slice) -> None:  # writes only its own slices of ``out``
+        background, n = ndimage.label(~mask[..., part], structure=_axial_structure())
         if n == 0:
-            out[..., first : first + slab] = part
+            out[..., part] = mask[..., part]
             return
         border = np.concatenate(
             [background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(), background[:, -1].ravel()]
@@ -119,9 +118,9 @@ def _fill_holes_axial(mask: np.ndarray, slab: int = 32) -> np.ndarray:
         outside = np.zeros(n + 1, dtype=bool)
         outside[np.unique(border)] = True
         outside[0] = False  # label 0 is the mask itself
-        out[..., first : first + slab] = ~outside[background]
+        out[..., part] = ~outside[background]
 
-    map_in_threads(fill_slab, range(0, mask.shape[-1], slab))
+    map_slabs(fill_slab, mask.shape[-1], slab)
     return out
 
 
@@ -570,7 +569,7 @@ class RestrictToLungsd(MapTransform):
 
         The distance transform runs on the lungs' bounding box padded by the largest limit, in slabs of the last
         axis that overlap by that limit: exact for every distance up to the limit, with memory bounded by one slab
-        per thread whatever the number of slices (slabs run side by side, :func:`~covid_monai.parallel.map_in_threads`).
+        per thread whatever the number of slices (slabs run side by side, :func:`~covid_monai.parallel.map_slabs`).
         """
         reach = max(limits_mm)
         margin = [int(math.ceil(reach / s)) + 1 for s in spacing]
@@ -579,18 +578,17 @@ class RestrictToLungsd(MapTransform):
         near = [np.zeros(lungs.shape, dtype=bool) for _ in limits_mm]
         step = max(self.slab, 2 * margin[-1])
 
-        def fill_slab(first: int) -> None:  # writes only its own slices of ``near``
-            last = min(first + step, end)
-            low, high = max(start, first - margin[-1]), min(end, last + margin[-1])
+        def fill_slab(part: slice) -> None:  # writes only its own slices of ``near``
+            low, high = max(start, part.start - margin[-1]), min(end, part.stop + margin[-1])
             window = (*box[:-1], slice(low, high))
             if not lungs[window].any():
                 return
-            distance = ndimage.distance_transform_edt(~lungs[window], sampling=spacing)[..., first - low : last - low]
-            core = (*box[:-1], slice(first, last))
+            distance = ndimage.distance_transform_edt(~lungs[window], sampling=spacing)
+            core = distance[..., part.start - low : part.stop - low]
             for out, limit in zip(near, limits_mm, strict=True):
-                out[core] = distance <= limit
+                out[(*box[:-1], part)] = core <= limit
 
-        map_in_threads(fill_slab, range(start, end, step))
+        map_slabs(fill_slab, end, step, start=start)
         return near
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from covid_monai.parallel import map_in_threads, worker_threads
+from covid_monai.parallel import map_in_threads, map_slabs, worker_threads
 from covid_monai.transforms import _fill_holes_axial
 
 
@@ -40,6 +40,19 @@ def test_first_error_is_raised() -> None:
 
     with pytest.raises(ValueError, match="slab 3 failed"):
         map_in_threads(work, range(6), threads=2)
+
+
+def test_slabs_cover_the_range_once_in_order() -> None:
+    covered = np.zeros(23, dtype=int)
+
+    def mark(part: slice) -> tuple[int, int]:
+        covered[part] += 1
+        return part.start, part.stop
+
+    assert map_slabs(mark, 23, 5, start=3, threads=2) == [(3, 8), (8, 13), (13, 18), (18, 23)]
+    assert covered.tolist() == [0] * 3 + [1] * 20
+    assert map_slabs(mark, 4, 0, threads=1) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # size < 1 means 1
+    assert map_slabs(mark, 0, 8) == []
 
 
 def test_worker_threads_follows_torch() -> None:
