@@ -237,6 +237,7 @@ def read_nifti_float32(image: nib.spatialimages.SpatialImage, chunk: int = 16) -
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="covid-monai-read") as converter,
     ):
         stream.seek(proxy.offset)
+        overlap = worker_threads() >= 2
         pending: list[Future[None]] = []
         for first in range(0, core[-1], chunk):
             depth = min(chunk, core[-1] - first)
@@ -244,7 +245,7 @@ def read_nifti_float32(image: nib.spatialimages.SpatialImage, chunk: int = 16) -
             data = stream.read(count * dtype.itemsize)
             if len(data) != count * dtype.itemsize:
                 raise OSError(f"{proxy.file_like}: file ends before the image data does (expected {shape} voxels)")
-            if worker_threads() < 2:
+            if not overlap:
                 convert(data, first, depth)
                 continue
             pending.append(converter.submit(convert, data, first, depth))
