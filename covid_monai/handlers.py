@@ -17,7 +17,9 @@ __all__ = [
     "CaseMetricsSaver",
     "LatestCheckpointSaver",
     "ResumeCheckpointLoader",
+    "WeightAveraging",
     "atomic_torch_save",
+    "averaged_weights",
     "check_resume_checkpoint",
 ]
 
@@ -134,6 +136,80 @@ def check_resume_checkpoint(path: str | os.PathLike, names: Iterable[str]) -> No
     missing = sorted(wanted - set(saved)) if isinstance(saved, Mapping) else sorted(wanted)
     if missing:
         raise ValueError(f"{path}: cannot resume, the checkpoint lacks {', '.join(missing)}")
+
+
+class WeightAveraging:
+    """An exponential moving average (EMA) of a network's weights, updated after every training iteration.
+
+    With ``decay`` > 0 a copy of the network (``torch.optim.swa_utils.AveragedModel``, buffers such as batch-norm
+    statistics averaged too) follows the trained weights: ``w_avg <- decay * w_avg + (1 - decay) * w`` after each
+    optimiser step, starting from the first step's weights. ``module`` is what validation scores and what the
+    best/last checkpoint saves; the trained network itself is left untouched, so optimisation is unchanged. With
+    ``decay`` 0 nothing is averaged and ``module`` is the network itself, so a config can always refer to it.
+
+    The averaged weights belong in the resume checkpoint (``state_dict`` / ``load_state_dict``), so an interrupted
+    training continues the same average.
+
+    Args:
+        network: the trained network (for DistributedDataParallel, the module inside it).
+        decay: 0 (off) or the EMA decay per iteration, in (0, 1); its horizon is about ``1 / (1 - decay)``
+            iterations (0.99: the last ~100 steps).
+
+    Example:
+        >>> averaging = WeightAveraging(net, decay=0.99)
+        >>> averaging.attach(trainer)  # then validate and save ``averaging.module``
+    """
+
+    def __init__(self, network: torch.nn.Module, decay: float = 0.0) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"weight averaging decay must be 0 (off) or in (0, 1), got {decay}")
+        self.network = network
+        self.decay = float(decay)
+        self.averaged: torch.optim.swa_utils.AveragedModel | None = None
+        if self.decay:
+            self.averaged = torch.optim.swa_utils.AveragedModel(
+                network, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(self.decay), use_buffers=True
+            )
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The averaged network, or the trained network itself when averaging is off."""
+        return self.network if self.averaged is None else self.averaged.module
+
+    def attach(self, engine: Engine) -> None:
+        """Update the average after every iteration of ``engine`` (nothing when averaging is off)."""
+        if self.averaged is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+
+    def _update(self, engine: Engine) -> None:
+        assert self.averaged is not None
+        if self.averaged.n_averaged.device != next(self.network.parameters()).device:
+            self.averaged.to(next(self.network.parameters()).device)  # the network moved after the copy was made
+        self.averaged.update_parameters(self.network)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged weights and the number of updates (empty when averaging is off)."""
+        return {} if self.averaged is None else self.averaged.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a resume); an empty state restores nothing."""
+        if self.averaged is None:
+            if state:
+                raise ValueError("the checkpoint holds averaged weights but weight averaging is off (ema_decay 0)")
+            return
+        if not state:
+            raise ValueError("the checkpoint holds no averaged weights but weight averaging is on (ema_decay > 0)")
+        self.averaged.load_state_dict(state)
+
+
+def averaged_weights(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The network weights inside a :meth:`WeightAveraging.state_dict`, keyed like the network's own state dict.
+
+    Returns ``None`` for an empty state (averaging was off).
+    """
+    prefix = "module."
+    weights = {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
+    return weights or None
 
 
 class CaseMetricsSaver:

@@ -12,7 +12,7 @@ import torch
 
 from covid_monai.bundle import create_bundle, load_config, resolve_device, run_workflow
 from covid_monai.datalist import build_datalist, check_training_data, write_datalist
-from covid_monai.handlers import atomic_torch_save, check_resume_checkpoint
+from covid_monai.handlers import atomic_torch_save, averaged_weights, check_resume_checkpoint
 
 __all__ = ["train_bundle"]
 
@@ -81,7 +81,10 @@ def train_bundle(
     run_workflow(parser)
     best, latest = out / "models" / "model.pt", out / "models" / "latest.pt"
     if not best.is_file() and latest.is_file():
-        logger.warning("no validation ran (epochs < val_interval): %s takes the last epoch's weights", best)
+        logger.warning(
+            "no validation ran (epochs < val_interval): %s takes the last epoch's weights (averaged with ema_decay)",
+            best,
+        )
         state = torch.load(latest, map_location="cpu", weights_only=True)
-        atomic_torch_save(state["model"], best)
+        atomic_torch_save(averaged_weights(state.get("weight_averaging", {})) or state["model"], best)
     return out

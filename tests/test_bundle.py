@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from covid_monai.bundle import TEMPLATE_BUNDLE, create_bundle, load_config, read_knobs, validate_override_value
+from covid_monai.handlers import averaged_weights
 from covid_monai.inference import run_batch
 from covid_monai.train import train_bundle
 from tests.conftest import TINY_KNOBS
@@ -40,7 +41,8 @@ def trained(tmp_path_factory, phantoms) -> Path:
 def test_train_writes_best_and_latest_checkpoints(trained):
     best = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     latest = torch.load(trained / "models" / "latest.pt", map_location="cpu", weights_only=True)
-    assert set(latest) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(latest) == {"model", "optimizer", "lr_scheduler", "trainer", "weight_averaging"}
+    assert latest["weight_averaging"] == {}  # ema_decay 0: nothing averaged
     assert latest["trainer"]["iteration"] == latest["trainer"]["epoch_length"]  # one epoch done
     assert set(best) == set(latest["model"])
     network = load_config(trained, ["inference.json"], {"device": "cpu"}).get_parsed_content("network_def")
@@ -63,6 +65,30 @@ def test_deep_supervision_trains_and_infers(tmp_path, phantoms):
     assert result.status == "ok", result.error
     mask = nib.load(str(tmp_path / "pred" / image.name.replace(".nii.gz", "_infection.nii.gz")))
     assert mask.shape == nib.load(str(image)).shape
+
+
+def test_weight_averaging_validates_saves_and_resumes_the_average(tmp_path, phantoms):
+    """``ema_decay``: the network validated and saved as model.pt is the moving average, and resume keeps it."""
+    out = tmp_path / "bundle"
+    knobs = {**TINY_KNOBS, "ema_decay": 0.9}
+    train_bundle(phantoms, out, knobs, device="cpu", val_fraction=0.25)
+    latest = torch.load(out / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    steps = latest["trainer"]["iteration"]
+    assert int(latest["weight_averaging"]["n_averaged"]) == steps > 1
+    averaged = averaged_weights(latest["weight_averaging"])
+    best = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert set(best) == set(latest["model"])
+    assert all(torch.equal(best[k], averaged[k]) for k in best)  # the last epoch validated = the average
+    assert not all(torch.equal(best[k], latest["model"][k]) for k in best)  # ...not the trained weights
+    train_bundle(phantoms, out, {**knobs, "epochs": 2}, device="cpu", resume=True)
+    resumed = torch.load(out / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    assert int(resumed["weight_averaging"]["n_averaged"]) == 2 * steps  # the same average continued
+    evaluation = load_config(out, ["train.json", "evaluate.json"], {"device": "cpu"})
+    # evaluate.json scores model.pt loaded into the network, not the (fresh) average of a training run
+    assert evaluation.get_parsed_content("validate#evaluator").network is evaluation.get_parsed_content("network")
+    image = sorted((phantoms / "images").glob("*.nii.gz"))[0]
+    (result,) = run_batch([image], tmp_path / "pred", out, device="cpu", workers=0, progress=False)
+    assert result.status == "ok", result.error
 
 
 def test_resume_continues_to_configured_epochs(tmp_path, phantoms):

@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from covid_monai.bundle import TEMPLATE_BUNDLE, load_config, read_knobs
 from covid_monai.datalist import build_datalist, write_datalist
 from covid_monai.distributed import backend_for, main, merge_shard_summaries, rank_device
+from covid_monai.handlers import averaged_weights
 from covid_monai.inference import CaseResult, read_summary, write_summary
 from tests.conftest import TINY_KNOBS
 
@@ -42,7 +43,7 @@ def ddp_bundle(tmp_path_factory: pytest.TempPathFactory, phantoms: Path) -> tupl
     datalist = build_datalist(phantoms, val_fraction=0.5)  # 2 training, 2 validation cases
     datalist["training"] += datalist["validation"][:1]  # 3: the sampler must pad the split to 2 cases per rank
     write_datalist(datalist, folder / "datalist.json")
-    knobs = {**TINY_KNOBS, "batch_size": BATCH}
+    knobs = {**TINY_KNOBS, "batch_size": BATCH, "ema_decay": 0.5}  # the average of the module inside DDP
     tokens = [token for key, value in knobs.items() for token in (f"--{key}", json.dumps(value))]
     assert main(["prepare-train", "--data", str(folder / "datalist.json"), "--out", str(folder / "bundle"),
                  *tokens]) == 0
@@ -64,6 +65,9 @@ def test_ddp_training_one_checkpoint_and_split_epoch(ddp_bundle):
     assert latest["trainer"]["iteration"] == steps and latest["trainer"]["max_epochs"] == 1
     best = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in best) and set(best) == set(latest["model"])
+    assert int(latest["weight_averaging"]["n_averaged"]) == steps  # every rank averaged its (identical) weights
+    averaged = averaged_weights(latest["weight_averaging"])
+    assert all(torch.equal(best[k], averaged[k]) for k in best)  # validated and saved: the average
     network = load_config(bundle, ["inference.json"], {"device": "cpu"}).get_parsed_content("network_def")
     network.load_state_dict(best)  # the unwrapped network loads the DDP-trained weights as they are
     assert read_knobs(bundle)["network_width"] == TINY_KNOBS["network_width"]  # knobs baked in for inference
