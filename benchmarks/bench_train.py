@@ -185,7 +185,7 @@ def measure_pure(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
     optimizer = parser.get_parsed_content("optimizer")
     batch = int(parser["batch_size"]) * int(parser["num_samples"])
     height, width = (int(s) for s in parser["patch_size"])
-    channels = int(parser["in_channels"])
+    channels = int(parser.get_parsed_content("in_channels"))
     x = torch.randn(batch, channels, height, width, device=device)
     y = (torch.rand(batch, 1, height, width, device=device) > 0.9).float()
     network.train()

@@ -67,6 +67,23 @@ def test_deep_supervision_trains_and_infers(tmp_path, phantoms):
     assert mask.shape == nib.load(str(image)).shape
 
 
+def test_neighbour_slices_train_and_infer(tmp_path, phantoms):
+    """``context_slices: 1`` (2.5D): a 3-channel network trained on neighbour stacks segments whole scans."""
+    out = tmp_path / "bundle"
+    train_bundle(phantoms, out, {**TINY_KNOBS, "context_slices": 1}, device="cpu", val_fraction=0.25)
+    best = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    first_convolution = next(v for v in best.values() if v.dim() == 4)
+    assert first_convolution.shape[1] == 3
+    parser = load_config(out, ["inference.json"], {"device": "cpu"})
+    assert parser.get_parsed_content("network_def").load_state_dict(best)  # inference rebuilds the 3-channel network
+    image = sorted((phantoms / "images").glob("*.nii.gz"))[0]
+    (result,) = run_batch([image], tmp_path / "pred", out, device="cpu", workers=0, progress=False)
+    assert result.status == "ok", result.error
+    mask = nib.load(str(tmp_path / "pred" / image.name.replace(".nii.gz", "_infection.nii.gz")))
+    assert mask.shape == nib.load(str(image)).shape
+    np.testing.assert_allclose(mask.affine, nib.load(str(image)).affine)
+
+
 def test_weight_averaging_validates_saves_and_resumes_the_average(tmp_path, phantoms):
     """``ema_decay``: the network validated and saved as model.pt is the moving average, and resume keeps it."""
     out = tmp_path / "bundle"
@@ -184,7 +201,7 @@ def test_create_bundle_rejects_unknown_knobs_and_code(tmp_path):
 def test_knobs_shared_by_train_and_inference_agree():
     train, infer = read_knobs(TEMPLATE_BUNDLE, "train.json"), read_knobs(TEMPLATE_BUNDLE, "inference.json")
     shared = (set(train) & set(infer)) - {"dataset_dir", "amp"}  # data location and precision differ by purpose
-    assert {"pixdim", "hu_window", "network_width", "network_norm", "in_channels", "threshold"} <= shared
+    assert {"pixdim", "hu_window", "network_width", "network_norm", "context_slices", "threshold"} <= shared
     assert {k: train[k] for k in shared} == {k: infer[k] for k in shared}
 
 

@@ -21,6 +21,7 @@ from covid_monai.transforms import (
     RIGHT_LUNG,
     AddInfectionToLungsd,
     LungMaskd,
+    NeighbourSlicesToChannelsd,
     RestrictToLungsd,
     ValidateCTd,
     lung_mask_from_hu,
@@ -392,3 +393,31 @@ def test_validate_ct_limits_and_warnings():
     assert "warnings" not in ValidateCTd("image", expect_hu=False)(_scan(eight_bit))
     one_slice = np.linspace(-1000, 400, 64, dtype=np.float32).reshape(1, 8, 8, 1)
     assert ValidateCTd("image")(_scan(one_slice))["image"].shape == (1, 8, 8, 1)
+
+
+@pytest.mark.parametrize("context", [1, 2])
+def test_neighbour_slices_become_channels(context):
+    """Channel j of slice z is input slice z + j - k, the edge slice repeated past the ends; meta data kept."""
+    rng = np.random.default_rng(context)
+    volume = MetaTensor(torch.as_tensor(rng.normal(size=(1, 6, 5, 7)), dtype=torch.float32),
+                        affine=torch.diag(torch.tensor([0.7, 0.7, 2.5, 1.0], dtype=torch.float64)))
+    volume.meta["filename_or_obj"] = "case.nii.gz"
+    stacked = NeighbourSlicesToChannelsd("image", context=context)({"image": volume})["image"]
+    assert isinstance(stacked, MetaTensor) and stacked.shape == (2 * context + 1, 6, 5, 7)
+    assert torch.equal(stacked.affine, volume.affine) and stacked.meta["filename_or_obj"] == "case.nii.gz"
+    for j in range(2 * context + 1):
+        for z in range(7):
+            source = min(max(z + j - context, 0), 6)
+            assert torch.equal(stacked[j, :, :, z], volume[0, :, :, source]), (j, z)
+    assert torch.equal(stacked[context], volume[0])  # the middle channel is the slice itself
+    single = NeighbourSlicesToChannelsd("image", context=context)({"image": np.ones((1, 4, 4, 1), np.float32)})
+    assert single["image"].shape == (2 * context + 1, 4, 4, 1)  # a lone slice: copies of itself
+
+
+def test_neighbour_slices_refuse_bad_input():
+    assert NeighbourSlicesToChannelsd("image", context=0)({"image": np.ones((2, 3))})["image"].shape == (2, 3)
+    with pytest.raises(ValueError, match=r"one channel of a 3D volume .*\(3, 4, 4, 2\)"):
+        NeighbourSlicesToChannelsd("image", context=1)({"image": np.ones((3, 4, 4, 2), np.float32)})
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="whole number"):
+            NeighbourSlicesToChannelsd("image", context=bad)
