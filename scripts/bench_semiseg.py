@@ -60,6 +60,7 @@ RECIPE: dict[str, Any] = {
     "network_width": 16,
     "network_norm": "batch",
     "deep_supervision": 2,
+    "ema_decay": 0.995,
     "loss_name": "dicece",
     "dice_per_image": True,
     "learning_rate": 0.002,
@@ -74,7 +75,8 @@ RECIPE: dict[str, Any] = {
 (``benchmarks/results/semiseg_cv_*.json``): whole slices resized to 256x256 instead of native-size patches,
 bf16 training (2x faster steps, so 140 epochs fit), Dice per image in the Dice+CE loss, all fold slices trained
 and the last epoch kept (``--checkpoint last``), test-time left-right and front-back flips, threshold 0.35, deep
-supervision on the 1/2- and 1/4-size decoder outputs (session 4)."""
+supervision on the 1/2- and 1/4-size decoder outputs (session 4), the weights' moving average with decay 0.995
+validated and saved (session 5)."""
 
 THRESHOLDS = np.linspace(1.0, 0.0, 256)
 
