@@ -151,7 +151,7 @@ class WeightAveraging:
     training continues the same average.
 
     Args:
-        network: the trained network (for DistributedDataParallel, the module inside it).
+        network: the trained network, already on its device (for DistributedDataParallel, the module inside it).
         decay: 0 (off) or the EMA decay per iteration, in (0, 1); its horizon is about ``1 / (1 - decay)``
             iterations (0.99: the last ~100 steps).
 
@@ -183,8 +183,6 @@ class WeightAveraging:
 
     def _update(self, engine: Engine) -> None:
         assert self.averaged is not None
-        if self.averaged.n_averaged.device != next(self.network.parameters()).device:
-            self.averaged.to(next(self.network.parameters()).device)  # the network moved after the copy was made
         self.averaged.update_parameters(self.network)
 
     def state_dict(self) -> dict[str, Any]:
