@@ -858,7 +858,5 @@ class NeighbourSlicesToChannelsd(MapTransform):
             slices = [np.clip(np.arange(depth) + offset, 0, depth - 1) for offset in offsets]
             tensor = torch.as_tensor(image)
             stacked = torch.cat([tensor[..., torch.as_tensor(index)] for index in slices], dim=0)
-            d[key] = convert_to_dst_type(stacked, image)[0]
-            if isinstance(image, MetaTensor):
-                d[key].copy_meta_from(image)
+            d[key] = convert_to_dst_type(stacked, image)[0]  # a MetaTensor keeps the image's meta data
         return d
