@@ -256,8 +256,10 @@ class RecordSourceGridd(MapTransform):
         d = dict(data)
         image = d[self.first_key(d)]
         affine = image.affine if isinstance(image, MetaTensor) else d[f"{self.first_key(d)}_meta_dict"]["affine"]
+        # a copy, never a view of the affine tensor: a DataLoader worker moves every tensor it sends into shared
+        # memory (``share_memory_`` frees the old buffer), so a view would be pickled from freed memory
         d[self.name] = {
-            "affine": np.asarray(torch.as_tensor(affine).cpu().numpy(), dtype=np.float64),
+            "affine": torch.as_tensor(affine).detach().cpu().numpy().astype(np.float64, copy=True),
             "shape": tuple(int(s) for s in image.shape[1:]),
         }
         return d

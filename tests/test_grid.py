@@ -193,3 +193,27 @@ def test_separable_spacing_equals_spacingd(spacing, pixdim):
     assert ours.shape == theirs.shape and ours.dtype == torch.float32 and not ours.has_pending_operations
     np.testing.assert_allclose(ours.affine.numpy(), theirs.affine.numpy(), atol=1e-9)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=2e-3)
+
+
+class _GridInWorker(torch.utils.data.Dataset):
+    """Records the grid of a MetaTensor inside a DataLoader worker, as the batch runner's pre-processing does."""
+
+    affine = np.array([[-0.75, 0, 0, 120.5], [0, -0.75, 0, 88.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> dict:
+        image = MetaTensor(torch.zeros(1, 4, 4, 2), affine=torch.tensor(self.affine, dtype=torch.float64))
+        return RecordSourceGridd("image")({"image": image})
+
+
+def test_recorded_grid_survives_a_dataloader_worker():
+    """The recorded affine is a copy: a worker's move of the image to shared memory must not reach it."""
+    image = MetaTensor(torch.zeros(1, 4, 4, 2), affine=torch.tensor(_GridInWorker.affine, dtype=torch.float64))
+    grid = RecordSourceGridd("image")({"image": image})["source_grid"]
+    assert not np.shares_memory(grid["affine"], image.affine.numpy())
+    loader = torch.utils.data.DataLoader(_GridInWorker(), batch_size=None, num_workers=1)
+    for item in loader:
+        np.testing.assert_array_equal(np.asarray(item["source_grid"]["affine"]), _GridInWorker.affine)
+        np.testing.assert_array_equal(item["image"].affine.numpy(), _GridInWorker.affine)

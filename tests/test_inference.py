@@ -24,8 +24,26 @@ def _write_case(folder: Path, name: str, orientation: str, seed: int = 11, shape
     return path
 
 
-def _run(inputs, out, bundle, **kw):
-    return run_batch(inputs, out, bundle, device="cpu", workers=0, progress=False, **kw)
+def _run(inputs, out, bundle, workers=1, **kw):
+    """The batch run as users run it: one DataLoader worker (the command line's default)."""
+    return run_batch(inputs, out, bundle, device="cpu", workers=workers, progress=False, **kw)
+
+
+def itk_series_affine(series: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The RAS affine and shape of a DICOM series as ITK (GDCM) reads it, independently of the pipeline."""
+    import itk
+
+    reader = itk.ImageSeriesReader[itk.Image[itk.SS, 3]].New()
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetDirectory(str(series))
+    reader.SetFileNames(names.GetFileNames(names.GetSeriesUIDs()[0]))
+    reader.Update()
+    image = reader.GetOutput()
+    lps = np.eye(4)
+    lps[:3, :3] = itk.array_from_matrix(image.GetDirection()) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = np.asarray(image.GetOrigin())
+    shape = tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, shape  # ITK works in LPS, NIfTI in RAS
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "LAS", "RPI", "oblique"])
@@ -78,28 +96,43 @@ def test_same_scan_in_two_orientations_gives_same_world_mask(tmp_path, random_bu
 
 
 def test_real_dicom_series_geometry(tmp_path, random_bundle):
-    import itk
-
     series = shared_data("real_ct", "dicom_series")
     results = _run([series], tmp_path / "out", random_bundle, save_lungs=True)
     assert results[0].status == "ok", results[0].error
     assert results[0].case == "dicom_series"
     out = nib.load(str(tmp_path / "out" / "dicom_series_infection.nii.gz"))
-    reader = itk.ImageSeriesReader[itk.Image[itk.SS, 3]].New()
-    names = itk.GDCMSeriesFileNames.New()
-    names.SetDirectory(str(series))
-    reader.SetFileNames(names.GetFileNames(names.GetSeriesUIDs()[0]))
-    reader.Update()
-    image = reader.GetOutput()
-    direction = itk.array_from_matrix(image.GetDirection())
-    spacing = np.asarray(image.GetSpacing())
-    lps = np.eye(4)
-    lps[:3, :3] = direction * spacing
-    lps[:3, 3] = np.asarray(image.GetOrigin())
-    expected = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK works in LPS, NIfTI in RAS
-    assert out.shape == tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
+    expected, shape = itk_series_affine(series)
+    assert out.shape == shape
     np.testing.assert_allclose(out.affine, expected, atol=1e-4)
     np.testing.assert_allclose(out.header.get_zooms(), [0.977, 0.977, 2.0], atol=1e-3)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dicom_series_between_nifti_cases_through_workers(tmp_path, random_bundle, workers):
+    """The series read in a DataLoader worker between NIfTI cases keeps ITK's geometry, run after run.
+
+    The scan's affine used to be recorded as a numpy view of the image's affine tensor; a worker moves every tensor
+    it sends into shared memory and frees the old buffer, so the view was sent from freed memory (garbage in the
+    direction matrix, "Could not decompose affine").
+    """
+    import shutil
+
+    before, after = tmp_path / "in" / "before", tmp_path / "in" / "after"
+    _write_case(before, "ph_before", "LPS", seed=4)
+    shutil.copy(shared_data("real_ct", "abdomen_ct_3mm.nii.gz"), before / "abdomen.nii.gz")
+    series = shutil.copytree(shared_data("real_ct", "dicom_series"), tmp_path / "in" / "series_a")
+    _write_case(after, "ph_after", "RAS", seed=5)
+    expected, shape = itk_series_affine(series)
+    for run in range(3):
+        out = tmp_path / f"out{run}"
+        results = {r.case: r for r in _run([before, series, after], out, random_bundle, workers=workers)}
+        assert {c: r.status for c, r in results.items()} == dict.fromkeys(
+            ("ph_before", "abdomen", "series_a", "ph_after"), "ok"
+        ), {c: r.error for c, r in results.items()}
+        mask = nib.load(str(out / "series_a_infection.nii.gz"))
+        assert mask.shape == shape
+        np.testing.assert_allclose(mask.affine, expected, atol=1e-4)
+        np.testing.assert_allclose(mask.header.get_sform(), expected, atol=1e-4)
 
 
 def test_summary_matches_masks_and_rerun_skips(tmp_path, random_bundle, phantoms):
