@@ -8,13 +8,14 @@ the sigmoid is applied by the loss (``sigmoid=True``) and by the post-processing
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from monai.networks.nets import BasicUNet
 from monai.networks.nets.basic_unet import UpCat
 
-__all__ = ["DeepSupervisedUNet", "seed_unet", "unet_features"]
+__all__ = ["DeepSupervisedUNet", "load_initial_weights", "seed_unet", "unet_features"]
 
 
 def unet_features(width: int = 32) -> tuple[int, int, int, int, int, int]:
@@ -136,3 +137,32 @@ def _check_divisible_by_16(module: torch.nn.Module, args: tuple[torch.Tensor]) -
         raise ValueError(
             "the U-Net needs height and width divisible by 16 (four 2x2 poolings), got " + str(list(x.shape[2:]))
         )
+
+
+def load_initial_weights(network: torch.nn.Module, path: str | os.PathLike | None) -> torch.nn.Module:
+    """Start training from another bundle's weights (pre-training, then fine-tuning): ``model.pt`` or ``latest.pt``.
+
+    The checkpoint is loaded with ``weights_only=True``; a ``latest.pt`` training state gives its ``model`` entry.
+    Shapes must match the network exactly (same width, channels and heads), else the error names the file.
+
+    Args:
+        network: the network to initialise (the plain module, not a DDP wrapper).
+        path: the checkpoint; empty or ``None`` leaves the network as it is.
+
+    Returns:
+        ``network`` (initialised in place).
+
+    Example:
+        >>> load_initial_weights(seed_unet(width=8), "")  # no path: unchanged
+        BasicUNet(...)
+    """
+    if not path:
+        return network
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        network.load_state_dict(state)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot initialise the network from it ({' '.join(str(exc).split())[:300]})") from exc
+    return network

@@ -172,19 +172,76 @@ def train_and_score(
         shutil.copy2(reuse_model / "models" / "model.pt", bundle / "models" / "model.pt")
     if not test:
         return []
-    results = run_batch([root / "images" / f"{n}.nii.gz" for n in test], out / "pred", bundle, device="cpu",
+    rows = {name: {"case": name, **scores} for name, scores in _segment_and_score(root, test, out / "pred", bundle)}
+    turned = turn_slices(root, out / "turned", test)
+    for name, scores in _segment_and_score(turned, test, out / "pred_turned", bundle):
+        rows[name].update({f"turned_{k}": v for k, v in scores.items() if k in TURNED_METRICS})
+    return [rows[name] for name in test]
+
+
+TURNED_METRICS = ("dice", "infnet_dice", "mask_dice")
+"""Metrics also reported (as ``turned_<metric>``) on the held-out slices turned by 90 degrees."""
+
+
+def _segment_and_score(root: Path, names: Sequence[str], out: Path, bundle: Path) -> list[tuple[str, dict]]:
+    """Segment ``root/images/<name>.nii.gz`` with ``bundle`` into ``out`` and score each against its label."""
+    results = run_batch([root / "images" / f"{n}.nii.gz" for n in names], out, bundle, device="cpu",
                         workers=0, save_probabilities=True, progress=False, overwrite=True)
     failed = [r for r in results if r.status != "ok"]
     if failed:
         raise RuntimeError(f"inference failed on {failed[0].input}: {failed[0].error}")
-    rows = []
-    for name in test:
-        probability = np.asarray(nib.load(str(out / "pred" / f"{name}_probability.nii.gz")).dataobj)
+    scored = []
+    for name in names:
+        probability = np.asarray(nib.load(str(out / f"{name}_probability.nii.gz")).dataobj)
         label = np.asarray(nib.load(str(root / "labels" / f"{name}.nii.gz")).dataobj) > 0
-        mask = np.asarray(nib.load(str(out / "pred" / f"{name}_infection.nii.gz")).dataobj)
+        mask = np.asarray(nib.load(str(out / f"{name}_infection.nii.gz")).dataobj)
         mask_dice = compute_case_metrics(mask, label)["dice"]
-        rows.append({"case": name, **image_metrics(probability, label), "mask_dice": mask_dice})
-    return rows
+        scored.append((name, {**image_metrics(probability, label), "mask_dice": mask_dice}))
+    return scored
+
+
+def turn_slices(root: Path, out: Path, names: Sequence[str]) -> Path:
+    """Write the slices ``names`` (image and label) turned by 90 degrees in-plane into ``out/images`` and
+    ``out/labels``, same affine (the picture is turned; the geometry says nothing of it, as with real slices).
+
+    Returns:
+        ``out``.
+    """
+    for name in names:
+        for sub in ("images", "labels"):
+            source = nib.load(str(root / sub / f"{name}.nii.gz"))
+            turned = np.ascontiguousarray(np.rot90(np.asarray(source.dataobj), 1, axes=(0, 1)))
+            (out / sub).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(turned, source.affine, source.header), str(out / sub / f"{name}.nii.gz"))
+    return out
+
+
+def pretrain_on_unlabelled(
+    unlabelled: Path, out: Path, knobs: dict[str, Any], epochs: int, seed: int, resume: bool = False
+) -> Path:
+    """Pre-train on the unlabelled slices with their pseudo-masks (Semi-Inf-Net's first stage); return the weights.
+
+    ``unlabelled`` holds ``images/`` and ``pseudo_masks/`` (grey 0-255 probability, binarised at 128 as targets). The
+    pseudo-masks do not depend on the cross-validation fold, so one pre-trained model starts every fold's and the
+    final model's fine-tuning. A finished pre-training with the same knobs is reused.
+    """
+    done = out / "pretrain.json"
+    knobs = {**knobs, "epochs": epochs, "val_interval": epochs + 1, "init_weights": ""}
+    weights = out / "bundle" / "models" / "model.pt"
+    if done.is_file() and weights.is_file() and json.loads(done.read_text())["knobs"] == knobs:
+        return weights
+    started = time.perf_counter()
+    nifti = out / "nifti"
+    names = convert(unlabelled / "images", nifti, masks=unlabelled / "pseudo_masks")["pairs"]
+    if not names:
+        raise RuntimeError(f"{unlabelled}: no image with a pseudo-mask (expected images/ and pseudo_masks/)")
+    write_datalist(_datalist(nifti, names, 0, seed), out / "datalist.json")
+    resume = resume and (out / "bundle" / "models" / "latest.pt").is_file()
+    train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed, resume=resume)
+    minutes = (time.perf_counter() - started) / 60
+    done.write_text(json.dumps({"knobs": knobs, "slices": len(names), "minutes": minutes}, indent=1) + "\n")
+    logger.info("pre-trained on %d pseudo-labelled slices in %.1f min", len(names), minutes)
+    return weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse-models", type=Path, metavar="RUN",
                         help="an earlier run's OUT: score its fold models with this run's inference knobs "
                              f"({', '.join(INFERENCE_ONLY_KNOBS)}) instead of training (same --seed and --folds)")
+    parser.add_argument("--unlabelled", type=Path, metavar="DIR",
+                        help="pre-train on DIR/images with DIR/pseudo_masks first (once), then fine-tune every fold "
+                             "and the final model from those weights; they only ever train")
+    parser.add_argument("--pretrain-epochs", type=int, default=8, help="epochs over the unlabelled slices")
+    parser.add_argument("--no-cv", action="store_true", help="only the final model on all slices, into OUT/bundle")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from covid_monai.cli import parse_overrides
@@ -218,12 +280,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         earlier = json.loads((args.reuse_models / "fold0" / "scores.json").read_text())  # written per fold
         knobs = {**earlier["knobs"], **{k: v for k, v in knobs.items() if k in INFERENCE_ONLY_KNOBS}}
         args.no_final = True
+    args.out = args.out.resolve()  # the datalists name files by absolute path
+    if args.no_cv and args.no_final:
+        parser.error("--no-cv with --no-final leaves nothing to do")
     started = time.perf_counter()
+    result: dict[str, Any] = {"experiment": args.name, "reused_models": str(args.reuse_models) if args.reuse_models
+                              else None}
+    if args.unlabelled:
+        weights = pretrain_on_unlabelled(args.unlabelled, args.out / "pretrain", knobs, args.pretrain_epochs,
+                                         args.seed, args.resume)
+        knobs["init_weights"] = str(weights.resolve())
+        result["pretrain"] = json.loads((args.out / "pretrain" / "pretrain.json").read_text())
     root = args.out / "nifti"
     converted = convert(args.data / "images", root, masks=args.data / "masks")
     names = sorted(converted["pairs"], key=_natural)
     per_fold, per_image = [], []
-    for k, test in enumerate(folds(names, args.folds, args.seed)):
+    for k, test in enumerate([] if args.no_cv else folds(names, args.folds, args.seed)):
         train = [n for n in names if n not in test]
         fold_started = time.perf_counter()
         reuse = args.reuse_models / f"fold{k}" / "bundle" if args.reuse_models else None
@@ -239,18 +311,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_fold.append({"fold": k, "n": len(rows), "minutes": (time.perf_counter() - fold_started) / 60, **summary})
         per_image += [{**r, "fold": k} for r in rows]
         logger.info("fold %d: Dice@0.5 %.4f, Inf-Net Dice %.4f", k, summary["dice"], summary["infnet_dice"])
-    metrics = [m for m in per_image[0] if m not in ("case", "fold")]
+    metrics = [m for m in per_image[0] if m not in ("case", "fold")] if per_image else []
     fold_means = {m: [f[m] for f in per_fold] for m in metrics}
-    result = {
-        "experiment": args.name,
-        "reused_models": str(args.reuse_models) if args.reuse_models else None,
+    result.update({
         "knobs": knobs,
         "folds": per_fold,
         "mean": {m: float(np.mean([r[m] for r in per_image])) for m in metrics},
-        "fold_std": {m: float(np.std(v, ddof=1)) for m, v in fold_means.items()},
+        "fold_std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in fold_means.items()},
         "per_image": per_image,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-    }
+    })
     if not args.no_final:
         final_started = time.perf_counter()
         train_and_score(root, names, [], args.out, knobs, args.seed, resume=args.resume)
@@ -258,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["final_minutes"] = (time.perf_counter() - final_started) / 60
     result["minutes"] = (time.perf_counter() - started) / 60
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.no_cv:
+        print(f"final model {result['final_bundle']} in {result['final_minutes']:.1f} min")
+        return 0
     print(f"{'fold':<6}{'Dice@0.5':>10}{'Sens':>8}{'Spec':>8}{'InfNetDice':>12}{'MaskDice':>10}{'min':>7}")
     for f in per_fold:
         print(f"{f['fold']:<6}{f['dice']:>10.4f}{f['sensitivity']:>8.4f}{f['specificity']:>8.4f}"
@@ -266,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'mean':<6}{mean['dice']:>10.4f}{mean['sensitivity']:>8.4f}{mean['specificity']:>8.4f}"
           f"{mean['infnet_dice']:>12.4f}{mean['mask_dice']:>10.4f}   (fold std of Dice {std['dice']:.4f}); "
           f"total {result['minutes']:.1f} min")
+    print(f"turned by 90 degrees: Dice@0.5 {mean['turned_dice']:.4f}, Inf-Net Dice {mean['turned_infnet_dice']:.4f}, "
+          f"mask Dice {mean['turned_mask_dice']:.4f}")
     return 0
 
 
