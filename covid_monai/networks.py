@@ -3,11 +3,14 @@
 The default is the seed study's 2D U-Net, rebuilt from MONAI's :class:`~monai.networks.nets.BasicUNet`:
 two 3×3 convolutions with ReLU per level, 2×2 max-pooling, 32-64-128-256-512 features, 2×2 transposed
 convolutions for up-sampling, skip concatenation and a final 1×1 convolution. The network returns logits;
-the sigmoid is applied by the loss (``sigmoid=True``) and by the post-processing transforms.
+the sigmoid is applied by the loss (``sigmoid=True``) and by the post-processing transforms. A multi-class bundle
+(knob ``labels: multiclass``) has three output channels (background, ground glass, consolidation) and a softmax in
+their place (:func:`is_multiclass` checks the knob and the loss).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -15,7 +18,42 @@ import torch
 from monai.networks.nets import BasicUNet
 from monai.networks.nets.basic_unet import UpCat
 
-__all__ = ["DeepSupervisedUNet", "load_initial_weights", "seed_unet", "unet_features"]
+__all__ = ["LABEL_SCHEMES", "DeepSupervisedUNet", "is_multiclass", "load_initial_weights", "seed_unet", "unet_features"]
+
+LABEL_SCHEMES = ("binary", "multiclass")
+"""Values of the bundle knob ``labels``: 0/1 infection masks, or 0/1/2 masks (1 ground glass, 2 consolidation)."""
+
+_MULTICLASS_LOSSES = ("dice", "dicece", "dicefocal")
+
+
+def is_multiclass(labels: str, loss_name: str | None = None) -> bool:
+    """Check the bundle knob ``labels`` (and the loss it trains with) and say whether it is multi-class.
+
+    Args:
+        labels: ``"binary"`` (0 background, 1 infection; one sigmoid output) or ``"multiclass"`` (0 background,
+            1 ground glass, 2 consolidation; three softmax outputs).
+        loss_name: the training loss (``loss_name`` knob), when there is one: a multi-class bundle needs a loss with
+            a softmax form (``dice``, ``dicece``, ``dicefocal``); BCE has none.
+
+    Returns:
+        ``True`` for ``"multiclass"``, ``False`` for ``"binary"``.
+
+    Raises:
+        ValueError: an unknown ``labels`` value, or a loss without a multi-class form.
+
+    Example:
+        >>> is_multiclass("multiclass", "dicefocal")
+        True
+    """
+    if labels not in LABEL_SCHEMES:
+        raise ValueError(f"labels must be one of {', '.join(LABEL_SCHEMES)}, got {labels!r}")
+    multiclass = labels == "multiclass"
+    if multiclass and loss_name is not None and loss_name not in _MULTICLASS_LOSSES:
+        raise ValueError(
+            f"loss_name {loss_name!r} has no multi-class form (labels: multiclass needs one of "
+            f"{', '.join(_MULTICLASS_LOSSES)}: softmax over the classes with one-hot targets)"
+        )
+    return multiclass
 
 
 def unet_features(width: int = 32) -> tuple[int, int, int, int, int, int]:
@@ -91,7 +129,7 @@ def seed_unet(
 
     Args:
         in_channels: input channels (1 for a single CT slice; 2k+1 for a 2.5D stack of neighbours).
-        out_channels: output channels (1: infection logit).
+        out_channels: output channels (1: infection logit; 3: background, ground glass and consolidation logits).
         width: features of the first level; deeper levels double it (seed: 32 → 32-64-128-256-512).
         norm: normalisation after each convolution: ``None`` as in the seed, or a MONAI norm name such as
             ``"batch"`` or ``"instance"`` (faster, steadier convergence on small data).
@@ -139,11 +177,16 @@ def _check_divisible_by_16(module: torch.nn.Module, args: tuple[torch.Tensor]) -
         )
 
 
+_OUTPUT_LAYERS = ("final_conv.", "aux_heads.")
+"""Parameter names of the output layers: the only ones that may differ in shape from the initial weights."""
+
+
 def load_initial_weights(network: torch.nn.Module, path: str | os.PathLike | None) -> torch.nn.Module:
     """Start training from another bundle's weights (pre-training, then fine-tuning): ``model.pt`` or ``latest.pt``.
 
     The checkpoint is loaded with ``weights_only=True``; a ``latest.pt`` training state gives its ``model`` entry.
-    Shapes must match the network exactly (same width, channels and heads), else the error names the file.
+    Every layer must match the network exactly, except the output layers (``final_conv``, ``aux_heads``): when
+    their shape differs (a binary pre-training starting a 3-class network) they keep their fresh initialisation.
 
     Args:
         network: the network to initialise (the plain module, not a DDP wrapper).
@@ -151,6 +194,9 @@ def load_initial_weights(network: torch.nn.Module, path: str | os.PathLike | Non
 
     Returns:
         ``network`` (initialised in place).
+
+    Raises:
+        ValueError: naming the file, when it cannot be read or a layer other than the output layers differs.
 
     Example:
         >>> load_initial_weights(seed_unet(width=8), "")  # no path: unchanged
@@ -160,9 +206,20 @@ def load_initial_weights(network: torch.nn.Module, path: str | os.PathLike | Non
         return network
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        network.load_state_dict(state)
     except Exception as exc:
         raise ValueError(f"{path}: cannot initialise the network from it ({' '.join(str(exc).split())[:300]})") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    own = network.state_dict()
+    fresh = [k for k, v in state.items() if k.startswith(_OUTPUT_LAYERS) and k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in fresh}
+    try:
+        network.load_state_dict(state, strict=not fresh)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: cannot initialise the network from it ({' '.join(str(exc).split())[:300]})") from exc
+    missing = sorted(set(own) - set(state) - set(fresh))
+    if missing:
+        raise ValueError(f"{path}: no weights for {', '.join(missing[:5])}")
+    if fresh:
+        logging.getLogger(__name__).info("%s: output layers %s start fresh (other shape)", path, ", ".join(fresh))
     return network

@@ -12,6 +12,8 @@ front at the top). So a viewer such as 3D Slicer shows the slice as the picture 
   (ITU-R 601 luma).
 - Masks: paired with images by file stem (``12.jpg`` <-> ``12.png``); grayscale, then binarised: values > 127 become 1
   (0/255 masks); a mask whose values are all 0 or 1 is kept as is. A mask must have its image's size.
+  With ``--labels multiclass`` mask values are class indices and kept (palette indices for palette pictures):
+  0 background, 1 ground glass, 2 consolidation; any other value is an error naming the file.
 - Images without a mask are converted and listed (a warning line and the datalist's ``test`` list); masks without an
   image are reported.
 - ``OUT/datalist.json``: ``training`` = every image with a mask (``{"image", "label"}``, paths relative to OUT),
@@ -118,6 +120,34 @@ def binarise(mask: np.ndarray) -> np.ndarray:
     return (mask > 127).astype(np.uint8)
 
 
+def read_class_labels(path: str | Path, classes: int = 2) -> np.ndarray:
+    """A label picture whose values are class indices (0 background, 1..``classes``), as a uint8 array.
+
+    Palette pictures give their palette indices (the COVID-SemiSeg multi-class masks are palette PNGs: 0 background,
+    1 ground glass, 2 consolidation), grayscale pictures their values; no colour is converted to luma.
+
+    Raises:
+        DatasetError: unreadable file, not 2D, or a value outside ``0..classes``, naming the file.
+
+    Example:
+        >>> read_class_labels("../shared/data/covid_semiseg/train/masks_multiclass/0.png").max()
+        2
+    """
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            if picture.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+                raise DatasetError(f"{path}: a {picture.mode} picture, expected class indices (palette or grayscale)")
+            array = np.asarray(picture)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: cannot be read as an image ({exc})") from exc
+    if array.ndim != 2:
+        raise DatasetError(f"{path}: expected a 2D picture, got shape {array.shape}")
+    if array.size and (array.min() < 0 or array.max() > classes):
+        raise DatasetError(f"{path}: values {sorted(np.unique(array).tolist())[:8]} outside the classes 0..{classes}")
+    return array.astype(np.uint8)
+
+
 def slice_affine(spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """The affine of a converted slice: ``diag(-sx, -sy, sz, 1)`` (see the module docstring).
 
@@ -150,6 +180,7 @@ def convert(
     masks: str | Path | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     overwrite: bool = False,
+    labels: str = "binary",
 ) -> dict[str, Any]:
     """Convert a folder of slice pictures (and masks) to NIfTI volumes plus ``datalist.json``.
 
@@ -159,6 +190,8 @@ def convert(
         masks: folder of mask pictures named like the images (any picture suffix), or ``None``.
         spacing: pixel spacing x, y and slice thickness, mm.
         overwrite: redo existing outputs.
+        labels: ``binary`` (masks binarised, see :func:`binarise`) or ``multiclass`` (class indices kept: 0
+            background, 1 ground glass, 2 consolidation; see :func:`read_class_labels`).
 
     Returns:
         ``{"pairs": [...], "unlabelled": [...], "orphan_masks": [...], "failed": {name: reason}}``.
@@ -173,6 +206,8 @@ def convert(
     out = Path(out)
     if any(s <= 0 for s in spacing):
         raise DatasetError(f"--spacing {' '.join(map(str, spacing))}: spacings must be positive")
+    if labels not in ("binary", "multiclass"):
+        raise DatasetError(f"labels {labels!r}: expected 'binary' or 'multiclass'")
     check_output_folder(out, [p for p in (images, masks) if p is not None])
     pictures = list_pictures(images)
     mask_files = list_pictures(masks) if masks is not None else {}
@@ -192,7 +227,12 @@ def convert(
             continue
         try:
             picture = read_gray(path)
-            mask = read_gray(mask_path) if mask_path else None
+            if mask_path is None:
+                mask = None
+            elif labels == "multiclass":
+                mask = read_class_labels(mask_path)
+            else:
+                mask = binarise(read_gray(mask_path))
             if mask is not None and mask.shape != picture.shape:
                 raise DatasetError(
                     f"{mask_path}: {mask.shape[1]}x{mask.shape[0]} pixels, its image {path.name} is "
@@ -204,7 +244,7 @@ def convert(
             continue
         save_slice(to_volume(picture), affine, image_out)
         if mask is not None:
-            save_slice(to_volume(binarise(mask)), affine, label_out)
+            save_slice(to_volume(mask), affine, label_out)
             pairs.append(name)
         else:
             unlabelled.append(name)
@@ -238,10 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--spacing", nargs=3, type=float, default=[1.0, 1.0, 1.0], metavar=("X", "Y", "Z"), help="mm (default 1 1 1)"
     )
     parser.add_argument("--overwrite", action="store_true", help="redo existing outputs")
+    parser.add_argument("--labels", choices=("binary", "multiclass"), default="binary",
+                        help="binary: masks binarised (0/255 or 0/1); multiclass: class indices kept (palette or grey "
+                             "values 0 background, 1 ground glass, 2 consolidation)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        result = convert(args.images, args.out, args.masks, args.spacing, args.overwrite)
+        result = convert(args.images, args.out, args.masks, args.spacing, args.overwrite, args.labels)
     except DatasetError as exc:
         log.error("%s", exc)
         return 1

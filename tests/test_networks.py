@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from covid_monai.networks import seed_unet, unet_features
+from covid_monai.networks import load_initial_weights, seed_unet, unet_features
 
 
 def test_seed_architecture():
@@ -53,3 +53,41 @@ def test_deep_supervision_heads_in_training_only():
         torch.testing.assert_close(net.eval()(x), plain(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="1 to 3"):
         seed_unet(width=8, deep_supervision=4)
+
+
+def test_initial_weights_from_a_model_or_a_training_state(tmp_path):
+    torch.manual_seed(1)
+    source = seed_unet(width=4, deep_supervision=2)
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "latest.pt")
+    for name in ("model.pt", "latest.pt"):
+        torch.manual_seed(2)
+        target = load_initial_weights(seed_unet(width=4, deep_supervision=2), tmp_path / name)
+        for key, value in source.state_dict().items():
+            torch.testing.assert_close(target.state_dict()[key], value)
+    untouched = seed_unet(width=4)
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    load_initial_weights(untouched, "")
+    assert all(torch.equal(before[k], v) for k, v in untouched.state_dict().items())
+
+
+def test_initial_weights_binary_to_three_classes_keeps_fresh_output_layers(tmp_path):
+    torch.manual_seed(1)
+    binary = seed_unet(width=4, deep_supervision=2)
+    torch.save(binary.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(2)
+    three = seed_unet(width=4, out_channels=3, deep_supervision=2)
+    fresh = {k: v.clone() for k, v in three.state_dict().items() if k.startswith(("final_conv", "aux_heads"))}
+    load_initial_weights(three, tmp_path / "model.pt")
+    for key, value in three.state_dict().items():
+        expected = fresh[key] if key in fresh else binary.state_dict()[key]
+        torch.testing.assert_close(value, expected)
+
+
+def test_initial_weights_refuse_other_architectures(tmp_path):
+    torch.save(seed_unet(width=4).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="model.pt"):
+        load_initial_weights(seed_unet(width=8), tmp_path / "model.pt")  # encoder shapes differ
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: cannot initialise"):
+        load_initial_weights(seed_unet(width=4), tmp_path / "junk.pt")

@@ -526,3 +526,27 @@ def test_convert_slices_real_covid_semiseg(tmp_path):
     assert set(np.unique(label).tolist()) == {0, 1}
     datalist = build_datalist(out / "datalist.json")
     check_training_data(datalist)
+
+
+def test_convert_slices_multiclass_keeps_class_indices(tmp_path):
+    """Palette masks keep their indices (0/1/2) with labels='multiclass'; a value beyond the classes is refused."""
+    from PIL import Image
+
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8) * 5).save(images / "a.png")
+    classes = np.zeros((6, 8), np.uint8)
+    classes[1:3, 2:5], classes[4, 6] = 1, 2
+    palette = Image.fromarray(classes, mode="P")
+    palette.putpalette([0, 0, 0, 255, 200, 0, 200, 0, 255] + [0] * 759)  # colours whose luma is not 1 or 2
+    palette.save(masks / "a.png")
+    result = convert_slices.convert(images, out, masks, labels="multiclass")
+    assert result["pairs"] == ["a"] and not result["failed"]
+    label = np.asarray(nib.load(str(out / "labels" / "a.nii.gz")).dataobj)
+    np.testing.assert_array_equal(label[:, :, 0], classes.T)
+    binary = convert_slices.convert(images, tmp_path / "binary", masks)  # the default reads grey levels: not indices
+    assert binary["pairs"] == ["a"]
+    Image.fromarray(classes * 3).save(masks / "a.png")  # values 0, 3, 6: not classes 0..2
+    failed = convert_slices.convert(images, tmp_path / "bad", masks, labels="multiclass")
+    assert "outside the classes" in failed["failed"]["a"] and str(masks / "a.png") in failed["failed"]["a"]
