@@ -193,11 +193,40 @@ def _segment_and_score(root: Path, names: Sequence[str], out: Path, bundle: Path
     scored = []
     for name in names:
         probability = np.asarray(nib.load(str(out / f"{name}_probability.nii.gz")).dataobj)
-        label = np.asarray(nib.load(str(root / "labels" / f"{name}.nii.gz")).dataobj) > 0
+        classes = np.asarray(nib.load(str(root / "labels" / f"{name}.nii.gz")).dataobj)
         mask = np.asarray(nib.load(str(out / f"{name}_infection.nii.gz")).dataobj)
-        mask_dice = compute_case_metrics(mask, label)["dice"]
-        scored.append((name, {**image_metrics(probability, label), "mask_dice": mask_dice}))
+        label = classes > 0
+        mask_dice = compute_case_metrics(mask > 0, label)["dice"]
+        scores = {**image_metrics(probability, label), "mask_dice": mask_dice, **class_dice(mask, classes)}
+        scored.append((name, scores))
     return scored
+
+
+CLASS_NAMES = {1: "ggo", 2: "consolidation"}
+"""Multi-class labels: 1 ground-glass opacity, 2 consolidation."""
+
+
+def class_dice(mask: np.ndarray, classes: np.ndarray) -> dict[str, float | None]:
+    """Per-class Dice of a written multi-class mask, ``None`` for a class absent from the reference (such images do
+    not count toward that class's mean); empty for binary references.
+
+    Example:
+        >>> {k: round(v, 3) for k, v in class_dice(np.array([[[1, 1, 2, 0]]]), np.array([[[1, 2, 2, 0]]])).items()}
+        {'ggo_dice': 0.667, 'consolidation_dice': 0.667}
+    """
+    if classes.max() <= 1:
+        return {}
+    scores: dict[str, float | None] = {}
+    for value, name in CLASS_NAMES.items():
+        truth = classes == value
+        scores[f"{name}_dice"] = float(compute_case_metrics(mask == value, truth)["dice"]) if truth.any() else None
+    return scores
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """Mean over the values that are not ``None`` (``None`` when there is none)."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
 
 
 def turn_slices(root: Path, out: Path, names: Sequence[str]) -> Path:
@@ -226,7 +255,8 @@ def pretrain_on_unlabelled(
     final model's fine-tuning. A finished pre-training with the same knobs is reused.
     """
     done = out / "pretrain.json"
-    knobs = {**knobs, "epochs": epochs, "val_interval": epochs + 1, "init_weights": ""}
+    knobs = {k: v for k, v in knobs.items() if k != "labels"}  # the pseudo-masks are binary: so is pre-training
+    knobs.update({"epochs": epochs, "val_interval": epochs + 1, "init_weights": ""})
     weights = out / "bundle" / "models" / "model.pt"
     if done.is_file() and weights.is_file() and json.loads(done.read_text())["knobs"] == knobs:
         return weights
@@ -267,11 +297,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "and the final model from those weights; they only ever train")
     parser.add_argument("--pretrain-epochs", type=int, default=8, help="epochs over the unlabelled slices")
     parser.add_argument("--no-cv", action="store_true", help="only the final model on all slices, into OUT/bundle")
+    parser.add_argument("--labels", choices=("binary", "multiclass"), default="binary",
+                        help="binary: DATA/masks (infection); multiclass: DATA/masks_multiclass (1 ground glass, "
+                             "2 consolidation), a 3-class network, per-class Dice per image")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from covid_monai.cli import parse_overrides
 
     knobs = {**RECIPE, **parse_overrides(extra), "seed": args.seed}
+    if args.labels == "multiclass":
+        knobs["labels"] = "multiclass"
     if args.epochs:
         knobs["epochs"] = args.epochs
     if args.checkpoint == "last":
@@ -292,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         knobs["init_weights"] = str(weights.resolve())
         result["pretrain"] = json.loads((args.out / "pretrain" / "pretrain.json").read_text())
     root = args.out / "nifti"
-    converted = convert(args.data / "images", root, masks=args.data / "masks")
+    masks = args.data / ("masks_multiclass" if args.labels == "multiclass" else "masks")
+    converted = convert(args.data / "images", root, masks=masks, labels=args.labels)
     names = sorted(converted["pairs"], key=_natural)
     per_fold, per_image = [], []
     for k, test in enumerate([] if args.no_cv else folds(names, args.folds, args.seed)):
@@ -307,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse, args.resume)
             minutes = (time.perf_counter() - fold_started) / 60
             scored.write_text(json.dumps({"knobs": knobs, "rows": rows, "minutes": minutes}, indent=1) + "\n")
-        summary = {m: float(np.mean([r[m] for r in rows])) for m in rows[0] if m != "case"}
+        summary = {m: _mean([r.get(m) for r in rows]) for m in rows[0] if m != "case"}
         per_fold.append({"fold": k, "n": len(rows), "minutes": (time.perf_counter() - fold_started) / 60, **summary})
         per_image += [{**r, "fold": k} for r in rows]
         logger.info("fold %d: Dice@0.5 %.4f, Inf-Net Dice %.4f", k, summary["dice"], summary["infnet_dice"])
@@ -316,8 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.update({
         "knobs": knobs,
         "folds": per_fold,
-        "mean": {m: float(np.mean([r[m] for r in per_image])) for m in metrics},
-        "fold_std": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in fold_means.items()},
+        "mean": {m: _mean([r.get(m) for r in per_image]) for m in metrics},
+        "fold_std": {m: float(np.std([x for x in v if x is not None], ddof=1)) if len(v) > 1 else 0.0
+                     for m, v in fold_means.items()},
         "per_image": per_image,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
     })
@@ -339,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'mean':<6}{mean['dice']:>10.4f}{mean['sensitivity']:>8.4f}{mean['specificity']:>8.4f}"
           f"{mean['infnet_dice']:>12.4f}{mean['mask_dice']:>10.4f}   (fold std of Dice {std['dice']:.4f}); "
           f"total {result['minutes']:.1f} min")
+    if mean.get("ggo_dice") is not None:
+        print(f"ground glass Dice {mean['ggo_dice']:.4f}, consolidation Dice {mean['consolidation_dice'] or 0:.4f} "
+              "(per image, over the images holding the class)")
     print(f"turned by 90 degrees: Dice@0.5 {mean['turned_dice']:.4f}, Inf-Net Dice {mean['turned_infnet_dice']:.4f}, "
           f"mask Dice {mean['turned_mask_dice']:.4f}")
     return 0

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -72,3 +73,44 @@ def test_image_metrics_against_hand_counts():
     assert scores["dice"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 4))
     assert scores["sensitivity"] == pytest.approx(0.5)
     assert scores["specificity"] == pytest.approx(7 / 8)
+
+
+def test_failure_tables_and_worst_slices_from_a_run(tmp_path):
+    """semiseg_failures groups per-image Dice by lesion size and type and draws the worst slices."""
+    from PIL import Image
+
+    from scripts import semiseg_failures
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    (data / "masks_multiclass").mkdir(parents=True)
+    per_image = []
+    for k, (cells, kind) in enumerate([(2, 1), (12, 2), (30, 1), (30, 2)]):
+        name = str(k)
+        classes = np.zeros((40, 40), np.uint8)  # (rows, columns) picture
+        classes[:cells, :10] = kind
+        Image.fromarray(classes).save(data / "masks_multiclass" / f"{name}.png")
+        volume = classes.T[:, :, None]
+        pred = np.zeros_like(volume)
+        pred[: 10 - k, : cells, 0] = 1  # worse overlap for higher k
+        for folder, array in (("nifti/images", np.full_like(volume, 90)), ("nifti/labels", (volume > 0) * 1),
+                              ("fold0/pred", pred)):
+            (run / folder).mkdir(parents=True, exist_ok=True)
+            suffix = "_infection" if folder == "fold0/pred" else ""
+            nib.save(nib.Nifti1Image(array.astype(np.uint8), np.eye(4)), str(run / folder / f"{name}{suffix}.nii.gz"))
+        truth = volume > 0
+        dice = 2 * (truth & (pred > 0)).sum() / (truth.sum() + (pred > 0).sum())
+        per_image.append({"case": name, "fold": 0, "mask_dice": float(dice)})
+    (run / "results.json").write_text(json.dumps({"per_image": per_image}))
+    assert semiseg_failures.main(["--run", str(run), "--data", str(data), "--out", str(tmp_path / "out"),
+                                  "--worst", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "failures.json").read_text())
+    sizes = {g["size"]: g["slices"] for g in report["by_size"]}
+    assert sizes == {"1–5 %": 1, "5–15 %": 1, "≥ 15 %": 2}  # 20, 120 and 300 of 1600 pixels
+    types = {g["type"]: g for g in report["by_type"]}
+    assert types["ground glass"]["slices"] == 2 and types["consolidation"]["slices"] == 2
+    worst = sorted(per_image, key=lambda r: r["mask_dice"])[:2]
+    assert report["worst"] == [r["case"] for r in worst]
+    assert types["consolidation"]["mean_dice"] == pytest.approx(np.mean([per_image[1]["mask_dice"],
+                                                                         per_image[3]["mask_dice"]]))
+    picture = Image.open(tmp_path / "out" / "worst.png")
+    assert picture.height == 2 * (200 + 16)
