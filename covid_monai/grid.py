@@ -331,12 +331,18 @@ class MaskFromSourceProbabilityd(MapTransform):
     stays that of one slab per thread whatever the number of slices. The probability key stays on the network grid
     (:func:`to_source_grid` maps it back when it is saved).
 
+    Multi-class bundles: with ``class_key`` (the foreground class probabilities, channel ``c`` for label ``c + 1``,
+    e.g. from :class:`covid_monai.transforms.InfectionProbabilityd`) each voxel of the mask gets the label of the
+    class whose probability, mapped back linearly, is the largest there (1 ground glass, 2 consolidation; the lower
+    label on a tie), so class borders too keep the scan's resolution.
+
     Args:
         keys: post-processed masks on the network grid (``(1, X, Y, Z)``, > 0 is foreground).
-        probability_key: the probability map on the network grid.
+        probability_key: the probability map on the network grid (the infection probability).
         threshold: probability threshold (the bundle's ``threshold``).
         grid_key: where :class:`RecordSourceGridd` put the scan's grid.
         slab: slices of the scan's last axis filled at a time.
+        class_key: foreground class probabilities on the network grid (``(K, X, Y, Z)``); ``None``: a 0/1 mask.
     """
 
     def __init__(
@@ -347,39 +353,59 @@ class MaskFromSourceProbabilityd(MapTransform):
         grid_key: str = "source_grid",
         allow_missing_keys: bool = False,
         slab: int = 32,
+        class_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.probability_key = probability_key
         self.threshold = float(threshold)
         self.grid_key = grid_key
         self.slab = max(int(slab), 1)
+        self.class_key = class_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        """Replace each mask by ``probability >= threshold`` within its dilated region, on the scan's grid."""
+        """Replace each mask by ``probability >= threshold`` within its dilated region, on the scan's grid (labelled
+        by the largest class probability when ``class_key`` is set)."""
         d = dict(data)
         grid = d[self.grid_key]
         target_affine = np.asarray(grid["affine"], dtype=np.float64)
         probability = d[self.probability_key]
+        classes = d[self.class_key] if self.class_key is not None else None
         for key in self.key_iterator(d):
             mask = d[key]
             region = MetaTensor(torch.from_numpy(_dilate_by_one(mask.detach().cpu().numpy() > 0).astype(np.uint8)),
                                 affine=mask.affine, meta=mask.meta)
-            out = self._threshold_in_slabs(probability, region, target_affine, tuple(grid["shape"]))
+            out = self._threshold_in_slabs(probability, region, target_affine, tuple(grid["shape"]), classes)
             d[key] = _on_grid(out, target_affine, mask)
         return d
 
     def _threshold_in_slabs(
-        self, probability: MetaTensor, region: MetaTensor, target_affine: np.ndarray, shape: tuple[int, ...]
+        self,
+        probability: MetaTensor,
+        region: MetaTensor,
+        target_affine: np.ndarray,
+        shape: tuple[int, ...],
+        classes: MetaTensor | None = None,
     ) -> np.ndarray:
-        """``(C, *shape)`` uint8: probability above the threshold where the region maps, one slab at a time."""
+        """``(C, *shape)`` uint8: probability above the threshold where the region maps, one slab at a time; with
+        ``classes``, the label ``1 + argmax`` of the class probabilities there instead of 1."""
         to_probability = np.linalg.solve(np.asarray(probability.affine, dtype=np.float64), target_affine)
         to_region = np.linalg.solve(np.asarray(region.affine, dtype=np.float64), target_affine)
-        if _axis_map(to_probability[:3, :3]) is None or _axis_map(to_region[:3, :3]) is None:
-            above = to_source_grid(probability, {"affine": target_affine, "shape": shape}, "linear").numpy()
-            inside = to_source_grid(region, {"affine": target_affine, "shape": shape}, "nearest").numpy()
-            return ((above >= self.threshold) & (inside > 0)).astype(np.uint8)
+        to_classes = None if classes is None else np.linalg.solve(np.asarray(classes.affine, np.float64), target_affine)
+        if (
+            _axis_map(to_probability[:3, :3]) is None
+            or _axis_map(to_region[:3, :3]) is None
+            or (to_classes is not None and _axis_map(to_classes[:3, :3]) is None)
+        ):
+            grid = {"affine": target_affine, "shape": shape}
+            above = to_source_grid(probability, grid, "linear").numpy()
+            inside = to_source_grid(region, grid, "nearest").numpy()
+            out = ((above >= self.threshold) & (inside > 0)).astype(np.uint8)
+            if classes is not None:
+                out *= _largest_class(to_source_grid(classes, grid, "linear").numpy())
+            return out
         values = probability.detach().cpu().numpy()
         kept = region.detach().cpu().numpy()
+        class_values = None if classes is None else classes.detach().cpu().numpy()
         out = np.zeros((max(values.shape[0], kept.shape[0]), *shape), dtype=np.uint8)
 
         def fill_slab(part: slice) -> None:  # writes only its own slices of ``out``
@@ -395,9 +421,17 @@ class MaskFromSourceProbabilityd(MapTransform):
             above = resample_separable(values, _shifted(to_probability, corner), size, "linear") >= self.threshold
             target = (slice(None), *box[:-1], slice(part.start + box[-1].start, part.start + box[-1].stop))
             out[target] = above & (inside[(slice(None), *box)] > 0)
+            if class_values is not None and to_classes is not None:
+                scores = resample_separable(class_values, _shifted(to_classes, corner), size, "linear")
+                out[target] *= _largest_class(scores)
 
         map_slabs(fill_slab, shape[-1], self.slab)
         return out
+
+
+def _largest_class(class_probability: np.ndarray) -> np.ndarray:
+    """``(1, ...)`` uint8 label ``1 + argmax`` over the channels of ``(K, ...)`` foreground class probabilities."""
+    return (1 + np.argmax(class_probability, axis=0)[None]).astype(np.uint8)
 
 
 def _dilate_by_one(mask: np.ndarray) -> np.ndarray:
