@@ -21,6 +21,10 @@ NaN means "undefined" (sensitivity without positives in the label; a distance to
 returns NaN for Dice/IoU with an empty label unless ``ignore_empty=False``, and NaN for HD95 when both are empty;
 both are mapped as above. Summaries (mean, std, ...) are over the cases where a metric is defined, and the ``n`` row
 says how many those are.
+
+Multi-class masks (0 background, 1 ground glass, 2 consolidation; bundles with ``labels: multiclass``): the metrics
+above are those of the union of the classes (infection), and ``dice_ggo`` and ``dice_consolidation``
+(:data:`CLASS_METRICS`) follow, the Dice of each class on its own with the same empty-case conventions.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import csv
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,8 @@ from monai.metrics import ConfusionMatrixMetric, DiceMetric, HausdorffDistanceMe
 from covid_monai.io import atomic_path
 
 __all__ = [
+    "CLASS_LABELS",
+    "CLASS_METRICS",
     "METRICS",
     "SUMMARY_STATS",
     "SpacingHausdorffDistanceMetric",
@@ -54,6 +60,10 @@ __all__ = [
 
 METRICS = ("dice", "iou", "accuracy", "sensitivity", "specificity", "hd95")
 """Metric names, in the order of the CSV columns."""
+CLASS_LABELS = {"ggo": 1, "consolidation": 2}
+"""Labels of multi-class masks by class name: ground-glass opacity and consolidation."""
+CLASS_METRICS = tuple(f"dice_{name}" for name in CLASS_LABELS)
+"""Per-class columns of multi-class evaluations, after :data:`METRICS` (which then score the union)."""
 SUMMARY_STATS = ("mean", "std", "median", "min", "max", "n")
 """Summary rows: statistics over the cases where the metric is defined; ``n`` is the number of those cases."""
 
@@ -92,35 +102,55 @@ class SpacingHausdorffDistanceMetric(HausdorffDistanceMetric):
         return super()._compute_tensor(y_pred, y, **kwargs)
 
 
-def _binary_5d(array: Any, name: str) -> torch.Tensor:
-    """(X, Y, Z) or (1, X, Y, Z) array -> float tensor (1, 1, X, Y, Z) of 0/1 (> 0 is foreground)."""
+def _volume(array: Any, name: str) -> torch.Tensor:
+    """(X, Y, Z) or (1, X, Y, Z) array -> the (X, Y, Z) tensor of its values."""
     t = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array.detach().cpu())
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0]
     if t.ndim != 3:
         raise ValueError(f"{name} must be a 3D volume (or (1, X, Y, Z)), got shape {tuple(t.shape)}.")
-    return (t > 0).to(torch.float32)[None, None]
+    return t
+
+
+def _binary_5d(array: Any, name: str) -> torch.Tensor:
+    """(X, Y, Z) or (1, X, Y, Z) array -> float tensor (1, 1, X, Y, Z) of 0/1 (> 0 is foreground)."""
+    return (_volume(array, name) > 0).to(torch.float32)[None, None]
+
+
+def _class_dice(pred: Any, label: Any, classes: Mapping[str, int]) -> dict[str, float]:
+    """``{"dice_<name>": Dice of (pred == value) and (label == value)}`` for every class, one MONAI call."""
+    values = list(classes.values())
+    y_pred = torch.stack([_volume(pred, "pred") == v for v in values]).to(torch.float32)[None]
+    y = torch.stack([_volume(label, "label") == v for v in values]).to(torch.float32)[None]
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(y_pred, y)
+    return {f"dice_{name}": float(d) for name, d in zip(classes, dice.reshape(-1).tolist(), strict=True)}
 
 
 def _scalar(value: torch.Tensor) -> float:
     return float(value.reshape(-1)[0].item())
 
 
-def compute_case_metrics(pred: np.ndarray, label: np.ndarray, spacing: float | Sequence[float] = 1.0) -> dict:
+def compute_case_metrics(
+    pred: np.ndarray,
+    label: np.ndarray,
+    spacing: float | Sequence[float] = 1.0,
+    classes: Mapping[str, int] | None = None,
+) -> dict:
     """Dice, IoU, pixel accuracy, sensitivity, specificity and HD95 (mm) of one binary prediction.
 
     Both masks are binarised (> 0). See the module docstring for the values when a mask is empty
     (both empty: dice = iou = 1, hd95 = 0; one empty: dice = iou = 0, hd95 = NaN; no positives in the label:
-    sensitivity = NaN).
+    sensitivity = NaN). With ``classes`` (label maps, e.g. :data:`CLASS_LABELS`) the Dice of each class follows.
 
     Args:
         pred: predicted mask, 3D or ``(1, X, Y, Z)``.
         label: reference mask of the same shape.
         spacing: voxel size in mm along the array axes (one number for isotropic voxels).
+        classes: ``{name: label value}``: also ``dice_<name>``, the Dice of ``pred == value`` and ``label == value``.
 
     Returns:
-        dict ``{"dice", "iou", "accuracy", "sensitivity", "specificity", "hd95"}`` of Python floats (NaN where
-        undefined).
+        dict ``{"dice", "iou", "accuracy", "sensitivity", "specificity", "hd95"}`` (then ``dice_<name>`` per class)
+        of Python floats (NaN where undefined).
 
     Example:
         >>> p = np.zeros((4, 4, 4)); p[1:3, 1:3, 1:3] = 1
@@ -154,7 +184,7 @@ def compute_case_metrics(pred: np.ndarray, label: np.ndarray, spacing: float | S
             warnings.simplefilter("ignore")
             value = _scalar(hd(y_pred, y, spacing=spacing_list))
         result["hd95"] = value if math.isfinite(value) else math.nan
-    return {k: float(result[k]) for k in METRICS}
+    return {**{k: float(result[k]) for k in METRICS}, **(_class_dice(pred, label, classes) if classes else {})}
 
 
 def _case_name(path: Path) -> str | None:
@@ -187,9 +217,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _columns(rows: Sequence[dict]) -> list[str]:
+    """The metric columns of the rows: :data:`METRICS`, then the per-class ones when the rows have them."""
+    return [*METRICS, *(m for m in CLASS_METRICS if rows and m in rows[0])]
+
+
 def _summarise(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     summary: dict[str, dict[str, float]] = {stat: {} for stat in SUMMARY_STATS}
-    for metric in METRICS:
+    for metric in _columns(rows):
         values = np.array([r[metric] for r in rows], dtype=np.float64)
         values = values[np.isfinite(values)]
         n = int(values.size)
@@ -211,12 +246,15 @@ def evaluate_folders(
     label_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
     pred_suffix: str = "_infection",
+    multiclass: bool | None = None,
 ) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """Compare every label in ``label_dir`` with its prediction in ``pred_dir`` and summarise.
 
     ``label_dir/<case>.nii.gz`` (or ``.nii``) is paired with ``pred_dir/<case><pred_suffix>.nii.gz`` (or ``.nii``).
     Both are binarised (> 0). Each pair must have the same shape and affine (``atol=1e-4``); the voxel spacing for
-    HD95 comes from the label's affine. Predictions without a label are ignored.
+    HD95 comes from the label's affine. Predictions without a label are ignored. Multi-class masks and labels
+    (1 ground glass, 2 consolidation) also get the Dice of each class (:data:`CLASS_METRICS`) after the metrics of
+    their union.
 
     Args:
         pred_dir: folder of predicted masks.
@@ -225,6 +263,8 @@ def evaluate_folders(
             hd95) and ``metrics_summary.csv`` (rows mean, std (sample, ddof=1), median, min, max, n; NaN values
             excluded) are written there, each atomically (temporary file + rename).
         pred_suffix: suffix of the prediction file names after the case name.
+        multiclass: score the classes too; ``None`` (default): when ``pred_dir/labels.ctbl`` names label 2
+            ``consolidation``, as ``covid-monai infer`` writes it for a multi-class bundle.
 
     Returns:
         ``(rows, summary)``: one dict per case (``case`` and the metrics, sorted by case) and
@@ -239,6 +279,8 @@ def evaluate_folders(
         >>> print(format_table(rows, summary))  # doctest: +SKIP
     """
     pred_dir, label_dir = Path(pred_dir), Path(label_dir)
+    if multiclass is None:
+        multiclass = _names_consolidation(pred_dir / "labels.ctbl")
     labels: dict[str, Path] = {}
     for path in sorted(label_dir.iterdir()) if label_dir.is_dir() else []:
         case = _case_name(path)
@@ -271,15 +313,25 @@ def evaluate_folders(
                 f"prediction\n{np.array2string(pred_img.affine, precision=4)}\n"
                 f"label\n{np.array2string(label_img.affine, precision=4)}"
             )
-        pred = np.asanyarray(pred_img.dataobj) > 0
-        label = np.asanyarray(label_img.dataobj) > 0
+        pred, label = np.asanyarray(pred_img.dataobj), np.asanyarray(label_img.dataobj)
+        if not multiclass:
+            pred, label = pred > 0, label > 0
         spacing = np.sqrt((label_img.affine[:3, :3] ** 2).sum(axis=0))[: label.ndim]
-        rows.append({"case": case, **compute_case_metrics(pred, label, spacing)})
+        rows.append({"case": case, **compute_case_metrics(pred, label, spacing, CLASS_LABELS if multiclass else None)})
 
     summary = _summarise(rows)
     if out_dir is not None:
         write_metrics_tables(rows, out_dir, summary)
     return rows, summary
+
+
+def _names_consolidation(color_table: Path) -> bool:
+    """Whether a 3D Slicer colour table names label 2 ``consolidation`` (the masks beside it are multi-class)."""
+    try:
+        lines = color_table.read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split()[:2] == ["2", "consolidation"] for line in lines if not line.startswith("#"))
 
 
 def write_metrics_tables(
@@ -288,7 +340,7 @@ def write_metrics_tables(
     """Write ``metrics.csv`` (one row per case) and ``metrics_summary.csv`` (mean, std, median, min, max, n).
 
     Args:
-        rows: per-case dicts with ``case`` and every metric of :data:`METRICS`.
+        rows: per-case dicts with ``case`` and every metric of :data:`METRICS` (and of :data:`CLASS_METRICS`).
         out_dir: output folder (created); both files are written atomically.
         summary: precomputed summary; computed from ``rows`` when omitted.
 
@@ -296,13 +348,14 @@ def write_metrics_tables(
         ``summary[stat][metric]``.
     """
     summary = summary or _summarise(rows)
+    columns = _columns(rows)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv_atomic(out / "metrics.csv", ["case", *METRICS], [[_fmt(r[k]) for k in ("case", *METRICS)] for r in rows])
+    _write_csv_atomic(out / "metrics.csv", ["case", *columns], [[_fmt(r[k]) for k in ("case", *columns)] for r in rows])
     _write_csv_atomic(
         out / "metrics_summary.csv",
-        ["statistic", *METRICS],
-        [[stat, *(_fmt(summary[stat][m]) for m in METRICS)] for stat in SUMMARY_STATS],
+        ["statistic", *columns],
+        [[stat, *(_fmt(summary[stat][m]) for m in columns)] for stat in SUMMARY_STATS],
     )
     return summary
 
@@ -331,13 +384,14 @@ def format_table(rows: Sequence[dict], summary: dict[str, dict[str, float]] | No
             return "-"
         return f"{value:.2f}" if metric == "hd95" else f"{value:.4f}"
 
-    table = [["case", *METRICS]]
-    table += [[str(r["case"]), *(cell(m, r[m]) for m in METRICS)] for r in rows]
+    columns = _columns(rows)
+    table = [["case", *columns]]
+    table += [[str(r["case"]), *(cell(m, r[m]) for m in columns)] for r in rows]
     n_cases = len(table)
     if summary:
         for stat in SUMMARY_STATS:
             if stat in summary:
-                table.append([stat, *(cell("n" if stat == "n" else m, summary[stat][m]) for m in METRICS)])
+                table.append([stat, *(cell("n" if stat == "n" else m, summary[stat][m]) for m in columns)])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in table]
     if summary:

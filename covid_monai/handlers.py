@@ -221,15 +221,20 @@ class CaseMetricsSaver:
         output_dir: where ``metrics.csv`` and ``metrics_summary.csv`` go.
         pred_key: key of the binary prediction in the engine output.
         label_key: key of the reference label.
+        multiclass: ``pred`` and ``label`` are one-hot (background, ground glass, consolidation) or label maps of a
+            multi-class bundle: the per-class Dice columns follow (:data:`covid_monai.evaluate.CLASS_METRICS`).
 
     Example:
         >>> CaseMetricsSaver("eval/").attach(evaluator)
     """
 
-    def __init__(self, output_dir: str | os.PathLike, pred_key: str = "pred", label_key: str = "label") -> None:
+    def __init__(
+        self, output_dir: str | os.PathLike, pred_key: str = "pred", label_key: str = "label", multiclass: bool = False
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.pred_key = pred_key
         self.label_key = label_key
+        self.multiclass = bool(multiclass)
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -239,7 +244,7 @@ class CaseMetricsSaver:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _collect(self, engine: Engine) -> None:
-        from covid_monai.evaluate import compute_case_metrics
+        from covid_monai.evaluate import CLASS_LABELS, compute_case_metrics
         from covid_monai.io import nifti_stem
 
         for item in engine.state.output:
@@ -247,7 +252,10 @@ class CaseMetricsSaver:
             affine = np.asarray(getattr(pred, "affine", np.eye(4)), dtype=np.float64)
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
             source = getattr(pred, "meta", {}).get("filename_or_obj", f"case_{len(self.rows):04d}")
-            metrics = compute_case_metrics(np.asarray(pred), np.asarray(label), spacing)
+            pred_array, label_array = np.asarray(pred), np.asarray(label)
+            if self.multiclass and pred_array.shape[0] > 1:  # one-hot channels back to label maps
+                pred_array, label_array = pred_array.argmax(0), label_array.argmax(0)
+            metrics = compute_case_metrics(pred_array, label_array, spacing, CLASS_LABELS if self.multiclass else None)
             self.rows.append({"case": nifti_stem(str(source)), **metrics})
 
     def _write(self, engine: Engine) -> None:
