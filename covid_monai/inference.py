@@ -30,7 +30,7 @@ from covid_monai.errors import one_line
 from covid_monai.inferers import autocast_dtype, freeze_for_cpu_inference
 from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
-from covid_monai.preview import SLICER_COLOR_TABLES, save_preview
+from covid_monai.preview import save_preview, slicer_color_tables
 from covid_monai.quantify import quantify_case
 
 __all__ = [
@@ -294,6 +294,11 @@ class BatchSegmenter:
         """A parsed top-level config value, or ``default`` for bundles made before the knob existed."""
         return self.parser.get_parsed_content(name) if name in self.parser else default
 
+    @property
+    def multiclass(self) -> bool:
+        """Whether the bundle is multi-class (``labels: multiclass``): masks hold 1 ground glass, 2 consolidation."""
+        return self._knob("labels", "binary") == "multiclass"
+
     def predict(self, data: dict[str, Any]) -> dict[str, Any]:
         """Run the network over one pre-processed case and its post-processing (back to the input's space).
 
@@ -341,7 +346,7 @@ class BatchSegmenter:
         out.mkdir(parents=True, exist_ok=True)
         wanted = ["infection"] + ["probability"] * self.save_probabilities + ["lungs"] * self.save_lungs
         wanted += ["preview"] * self.save_preview
-        for name, table in SLICER_COLOR_TABLES.items():
+        for name, table in slicer_color_tables(self.multiclass).items():
             if not (out / name).is_file() or (out / name).read_text() != table:
                 atomic_write_text(out / name, table)
         before = {r.case: r for r in previous}

@@ -9,7 +9,14 @@ from nibabel.orientations import apply_orientation, io_orientation
 
 from covid_monai.io import atomic_path
 
-__all__ = ["LUNG_WINDOW", "SLICER_COLOR_TABLES", "render_preview", "save_preview"]
+__all__ = [
+    "LUNG_WINDOW",
+    "MULTICLASS_LABELS_TABLE",
+    "SLICER_COLOR_TABLES",
+    "render_preview",
+    "save_preview",
+    "slicer_color_tables",
+]
 
 LUNG_WINDOW = (-1350.0, 150.0)
 """HU range shown from black to white (level -600, width 1500)."""
@@ -21,6 +28,28 @@ SLICER_COLOR_TABLES = {
     "0 background 0 0 0 0\n1 left_lung 80 160 230 255\n2 right_lung 120 200 120 255\n",
 }
 """3D Slicer colour tables naming the labels of the infection and lung masks, written beside the outputs."""
+
+MULTICLASS_LABELS_TABLE = (
+    "# covid-monai infection mask labels (3D Slicer color table)\n"
+    "0 background 0 0 0 0\n1 ground_glass 250 200 60 255\n2 consolidation 200 40 40 255\n"
+)
+"""``labels.ctbl`` of a multi-class bundle's masks: 1 ground-glass opacity, 2 consolidation."""
+
+
+def slicer_color_tables(multiclass: bool = False) -> dict[str, str]:
+    """The colour tables to write beside masks: :data:`SLICER_COLOR_TABLES`, multi-class labels if ``multiclass``.
+
+    Args:
+        multiclass: the masks hold 1 ground glass and 2 consolidation (a bundle with ``labels: multiclass``).
+
+    Returns:
+        ``{file name: content}``.
+
+    Example:
+        >>> "2 consolidation" in slicer_color_tables(multiclass=True)["labels.ctbl"]
+        True
+    """
+    return {**SLICER_COLOR_TABLES, "labels.ctbl": MULTICLASS_LABELS_TABLE} if multiclass else dict(SLICER_COLOR_TABLES)
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
