@@ -35,6 +35,12 @@ TEMPLATE_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "covid19_
 
 CONFIG_NAMES = ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "multi_gpu_evaluate.json")
 
+_MULTICLASS_CLASSES = "single channel: 0 background, 1 ground-glass opacity, 2 consolidation"
+_MULTICLASS_OUTPUT = {
+    "num_channels": 3,
+    "channel_def": {"0": "background logit", "1": "ground-glass logit", "2": "consolidation logit (softmax: all 3)"},
+}
+
 
 def bundle_config_files(bundle_dir: str | os.PathLike, names: Sequence[str]) -> list[str]:
     """Paths of the named config files of a bundle, checking that each exists.
@@ -186,6 +192,9 @@ def create_bundle(
                 if key in config:
                     config[key] = value
                     used.add(key)
+            if src.name == "metadata.json" and knobs.get("labels") == "multiclass":  # describe the 3-class network
+                config.update(label_classes=_MULTICLASS_CLASSES, pred_classes=_MULTICLASS_CLASSES)
+                config["network_data_format"]["outputs"]["pred"].update(_MULTICLASS_OUTPUT)
             atomic_write_text(dst, json.dumps(config, indent=4) + "\n")
         elif src.is_file() and src.name != "datalist.json":
             shutil.copyfile(src, dst)
