@@ -28,7 +28,17 @@ from monai.utils import set_determinism
 from covid_monai.bundle import load_config, resolve_device
 from covid_monai.errors import one_line
 from covid_monai.inferers import autocast_dtype, freeze_for_cpu_inference
-from covid_monai.io import atomic_write_text, is_nifti, list_dicom_series, nifti_stem, save_nifti_like
+from covid_monai.io import (
+    DicomListing,
+    atomic_write_text,
+    extract_zip_members,
+    is_nifti,
+    is_zip,
+    list_dicom_folder,
+    list_dicom_zip,
+    nifti_stem,
+    save_nifti_like,
+)
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
 from covid_monai.preview import save_preview, slicer_color_tables
 from covid_monai.quantify import quantify_case
@@ -52,6 +62,10 @@ SUMMARY_FIELDS = (
     "warnings",
     "shape",
     "spacing",
+    "study_uid",
+    "series_uid",
+    "series_description",
+    "slice_thickness",
     "infection_ml",
     "lung_left_ml",
     "lung_right_ml",
@@ -70,15 +84,21 @@ class Case:
 
     Attributes:
         name: output stem, unique within a run and safe as a file name.
-        source: the NIfTI file or the DICOM folder it came from.
+        source: the NIfTI file, the DICOM folder or the zip file it came from.
         kind: ``"nifti"`` or ``"dicom"``.
-        files: the DICOM files of the series (for folders holding several series), else ``None``.
+        files: the DICOM files of the series (paths; member names for a zip file), else ``None``.
+        notes: warnings found at discovery (files left out of the series and why).
+        unreadable: ``(file, reason)`` for unreadable files beside the series (named if slices are missing).
+        facts: DICOM summary columns (``study_uid``, ``series_uid``, ``series_description``, ``slice_thickness``).
     """
 
     name: str
     source: Path
     kind: str
     files: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +112,10 @@ class CaseResult:
     warnings: str = ""
     shape: str = ""
     spacing: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    series_description: str = ""
+    slice_thickness: float | None = None
     infection_ml: float | None = None
     lung_left_ml: float | None = None
     lung_right_ml: float | None = None
@@ -116,22 +140,27 @@ def _safe_name(name: str) -> str:
 
 
 def discover_cases(inputs: Iterable[str | os.PathLike]) -> tuple[list[Case], list[CaseResult]]:
-    """Turn input paths into cases: NIfTI files, folders searched recursively, DICOM series folders.
+    """Turn input paths into cases: NIfTI files, folders searched recursively, DICOM series, zip files of a series.
 
     A folder holding one DICOM series gives one case named after the folder; several series give one case per
-    series, named after the folder plus the series description or number. Names are made file-name safe and
-    unique (``name``, ``name_2``, ...), so two inputs never write the same output.
+    series, named after the folder plus the series description or number. A zip file (an input, or found in a
+    folder) is read like a folder, all its folders together, and names its cases; nothing is extracted beside it.
+    Localizers (scouts) are not segmented: each localizer series gets a ``skipped`` result with the reason in
+    ``warnings``. DICOMDIR, SEG, RTSTRUCT and secondary-capture files are ignored; files that are not readable DICOM
+    are named in their series' warnings (or in its error, when slices are missing). Names are made file-name safe
+    and unique (``name``, ``name_2``, ...), so two inputs never write the same output.
 
     Args:
-        inputs: files and folders, in the order given.
+        inputs: files, folders and zip files, in the order given.
 
     Returns:
-        ``(cases, failures)``: the cases found, and a failed result for each input that does not exist.
+        ``(cases, results)``: the cases found, and the results decided at discovery: a failed result for each input
+        that does not exist or holds nothing to segment, a skipped result for each localizer series.
 
     Example:
-        >>> cases, failures = discover_cases(["scans/", "extra/case_7.nii.gz"])
+        >>> cases, results = discover_cases(["scans/", "extra/case_7.nii.gz", "extra/series.zip"])
     """
-    found: list[tuple[str, Path, str, list[str] | None]] = []
+    found: list[tuple[Case, str, str]] = []
     failures: list[CaseResult] = []
     seen_sources: set[tuple[str, str]] = set()
     for raw in inputs:
@@ -139,8 +168,10 @@ def discover_cases(inputs: Iterable[str | os.PathLike]) -> tuple[list[Case], lis
         if not path.exists():
             failures.append(CaseResult(_safe_name(nifti_stem(path)), str(path), "failed", "no such file or folder"))
             continue
-        if path.is_file():
-            entries = [(nifti_stem(path), path, "nifti", None)]
+        if path.is_file() and is_zip(path):
+            entries = _zip_cases(path, required=True)
+        elif path.is_file():
+            entries = [(Case(nifti_stem(path), path, "nifti"), "", "")]
         else:
             entries = _scan_folder(path)
             if not entries:
@@ -148,25 +179,34 @@ def discover_cases(inputs: Iterable[str | os.PathLike]) -> tuple[list[Case], lis
                     CaseResult(_safe_name(path.name), str(path), "failed", "no NIfTI file or DICOM series in folder")
                 )
         for entry in entries:
-            key = (str(entry[1].resolve()), entry[3][0] if entry[3] else "")
+            case = entry[0]
+            key = (str(case.source.resolve()), case.files[0] if case.files else "")
             if key not in seen_sources:
                 seen_sources.add(key)
                 found.append(entry)
     cases: list[Case] = []
-    used: set[str] = {f.case for f in failures}
-    for stem, source, kind, files in found:
-        base = _safe_name(stem)
+    decided = list(failures)
+    used: set[str] = {f.case.lower() for f in failures}
+    for case, skip, error in found:
+        base = _safe_name(case.name)
         name, k = base, 1
         while name.lower() in used:
             k += 1
             name = f"{base}_{k}"
         used.add(name.lower())
-        cases.append(Case(name, source, kind, files))
-    return cases, failures
+        case.name = name
+        if error:
+            decided.append(CaseResult(name, str(case.source), "failed", error))
+        elif skip:
+            decided.append(_with_facts(CaseResult(name, str(case.source), "skipped", warnings=skip), case))
+        else:
+            cases.append(case)
+    return cases, decided
 
 
-def _scan_folder(folder: Path) -> list[tuple[str, Path, str, list[str] | None]]:
-    entries: list[tuple[str, Path, str, list[str] | None]] = []
+def _scan_folder(folder: Path) -> list[tuple[Case, str, str]]:
+    """Cases in a folder tree, as ``(case, reason to skip it, error)``: NIfTI files, DICOM series, zip files."""
+    entries: list[tuple[Case, str, str]] = []
     for directory, subdirs, files in os.walk(folder):
         subdirs.sort()
         here = Path(directory)
@@ -175,16 +215,54 @@ def _scan_folder(folder: Path) -> list[tuple[str, Path, str, list[str] | None]]:
             if name.startswith("."):
                 continue
             if is_nifti(name):
-                entries.append((nifti_stem(name), here / name, "nifti", None))
+                entries.append((Case(nifti_stem(name), here / name, "nifti"), "", ""))
+            elif is_zip(name):
+                entries += _zip_cases(here / name, required=False)
             else:
                 others.append(name)
         if others:
-            series = list_dicom_series(here)
-            if len(series) == 1:
-                entries.append((here.name, here, "dicom", None))
-            for _uid, series_files, label in series if len(series) > 1 else []:
-                entries.append((f"{here.name}_{label}", here, "dicom", series_files))
+            entries += _dicom_cases(list_dicom_folder(here, others), here, here.name)
     return entries
+
+
+def _zip_cases(path: Path, required: bool) -> list[tuple[Case, str, str]]:
+    """The DICOM cases of a zip file; a failed entry when it is unreadable, or holds no series and was asked for."""
+    stem = path.name[: -len(".zip")]
+    try:
+        entries = _dicom_cases(list_dicom_zip(path), path, stem)
+    except ValueError as exc:
+        return [(Case(stem, path, "dicom"), "", one_line(exc))]
+    if not entries and required:
+        return [(Case(stem, path, "dicom"), "", "no DICOM series in the zip file")]
+    return entries
+
+
+def _dicom_cases(listing: DicomListing, source: Path, stem: str) -> list[tuple[Case, str, str]]:
+    """One case per DICOM series of a folder or zip file; localizer series come with the reason they are skipped."""
+    volumes = listing.volumes
+    stray = [f"{Path(name).name} ({why})" for name, why in listing.unreadable]
+    for name, what in listing.ignored:
+        logger.debug("%s: ignored, %s", name, what)
+    entries = []
+    for series in listing.series:
+        notes = list(series.notes)
+        if stray:
+            notes.append(f"ignored {len(stray)} unreadable file(s) beside the series: {', '.join(stray[:3])}"
+                         + (f" and {len(stray) - 3} more" if len(stray) > 3 else ""))
+        name = stem if len(volumes) == 1 and not series.localizer else f"{stem}_{series.label}"
+        case = Case(name, source, "dicom", series.files, notes, list(listing.unreadable), dict(series.facts))
+        skip = ""
+        if series.localizer:
+            skip = f"localizer (scout) series, Image Type LOCALIZER: {len(series.files)} image(s), not a CT volume"
+        entries.append((case, skip, ""))
+    return entries
+
+
+def _with_facts(result: CaseResult, case: Case) -> CaseResult:
+    """``result`` with the case's DICOM summary columns filled in."""
+    for key, value in case.facts.items():
+        setattr(result, key, value)
+    return result
 
 
 def output_paths(out_dir: str | os.PathLike, case: str) -> dict[str, Path]:
@@ -215,16 +293,24 @@ class _CaseDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
         with tempfile.TemporaryDirectory(prefix="covid_monai_series_") as series_dir:
-            source = str(case.source)
-            if case.files:  # one series of a folder that holds several: give ITK a folder with just that series
-                for i, f in enumerate(case.files):
-                    os.symlink(f, os.path.join(series_dir, f"{i:05d}_{Path(f).name}"))
-                source = series_dir
+            source, files, shown = str(case.source), case.files, {}
             try:
-                notes = check_scan(case.source, case.kind, case.files, self.max_voxels)
+                if case.files and is_zip(case.source):  # extracted here, for this case only, then removed
+                    extracted = extract_zip_members(case.source, case.files, series_dir)
+                    files = [str(p) for p in extracted]
+                    shown = {f: f"{case.source}/{m}" for f, m in zip(files, case.files, strict=True)}
+                    source = series_dir
+                elif case.files:  # give ITK a folder with just this series' files, none of their neighbours
+                    for i, f in enumerate(case.files):
+                        os.symlink(f, os.path.join(series_dir, f"{i:05d}_{Path(f).name}"))
+                    source = series_dir
+                notes = case.notes + check_scan(case.source, case.kind, files, self.max_voxels, case.unreadable)
                 data = self.preprocessing({"image": source, "warnings": notes})
             except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
-                return {"case": case, "error": one_line(exc), "trace": traceback.format_exc() if self.debug else ""}
+                message = one_line(exc, limit=600)
+                for extracted_name, member in shown.items():
+                    message = message.replace(extracted_name, member)
+                return {"case": case, "error": message, "trace": traceback.format_exc() if self.debug else ""}
         return {"case": case, "data": data}
 
 
@@ -355,7 +441,7 @@ class BatchSegmenter:
         for case in cases:
             paths = output_paths(out, case.name)
             if not overwrite and all(paths[k].is_file() for k in wanted):
-                results[case.name] = _skipped(case, before.get(case.name), paths["infection"])
+                results[case.name] = _with_facts(_skipped(case, before.get(case.name), paths["infection"]), case)
                 if on_result:
                     on_result(results[case.name])
             else:
@@ -378,6 +464,7 @@ class BatchSegmenter:
                 result.extra["trace"] = item.get("trace", "")
             else:
                 result = self._segment_one(case, item["data"], out, debug)
+            result = _with_facts(result, case)
             result.seconds = round(time.perf_counter() - start, 3)
             start = time.perf_counter()
             results[case.name] = result
