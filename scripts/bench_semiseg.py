@@ -14,8 +14,12 @@ them validate for checkpoint selection; with ``last``, all 40 train and the last
 The dataset's 48-slice test split is deliberately not available: everything is selected by cross-validation.
 Finally the recipe trains on all 50 slices and writes ``OUT/bundle``. Deterministic for a seed.
 
+With ``--unlabelled DIR`` (``images/`` and ``pseudo_masks/``, e.g. COVID-SemiSeg's 1,600 pseudo-labelled slices) a
+model first trains on those slices (they only ever train), and every fold and the final model fine-tune from it.
+
 Example:
-    python scripts/bench_semiseg.py --data ../shared/data/covid_semiseg/train --out runs/semiseg
+    python scripts/bench_semiseg.py --data ../shared/data/covid_semiseg/train --out runs/semiseg \
+        --unlabelled ../shared/data/covid_semiseg/unlabelled
 """
 
 from __future__ import annotations
@@ -69,13 +73,24 @@ RECIPE: dict[str, Any] = {
     "num_workers": 0,
     "tta_flips": [[0], [1]],
     "threshold": 0.35,
+    "orientation_augmentation": True,
+    "contrast_augmentation": True,
 }
 """Bundle settings of the recipe (the rest are the bundle's defaults), each kept because the 5-fold CV Dice rose
 (``benchmarks/results/semiseg_cv_*.json``): whole slices resized to 256x256 instead of native-size patches,
 bf16 training (2x faster steps, so 140 epochs fit), Dice per image in the loss, all fold slices trained
 and the last epoch kept (``--checkpoint last``), test-time left-right and front-back flips, threshold 0.35, deep
-supervision on the 1/2- and 1/4-size decoder outputs (session 4), Dice+focal instead of Dice+CE (session 5; the
-weights' moving average, ``ema_decay`` 0.995, also raised the CV Dice alone but is not combined with it yet)."""
+supervision on the 1/2- and 1/4-size decoder outputs, Dice+focal instead of Dice+CE (the weights' moving average,
+``ema_decay`` 0.995, also raised the CV Dice alone but is not combined with it yet), and all eight in-plane
+orientations and gamma contrast as augmentation (e9: with them and the pre-training below, the CV Dice on the slices
+turned by 90 degrees equals the unturned one). ``docs/experiments.md`` has every experiment."""
+
+PRETRAIN_EPOCHS = 4
+"""Epochs over the unlabelled slices with ``--unlabelled`` (e9)."""
+
+FINE_TUNE_EPOCHS = 80
+"""Epochs of fine-tuning on the labelled slices after pre-training (e9); without ``--unlabelled`` the recipe's
+``epochs`` (140, measured from scratch in e8) apply."""
 
 THRESHOLDS = np.linspace(1.0, 0.0, 256)
 
@@ -295,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unlabelled", type=Path, metavar="DIR",
                         help="pre-train on DIR/images with DIR/pseudo_masks first (once), then fine-tune every fold "
                              "and the final model from those weights; they only ever train")
-    parser.add_argument("--pretrain-epochs", type=int, default=8, help="epochs over the unlabelled slices")
+    parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS,
+                        help=f"epochs over the unlabelled slices (default {PRETRAIN_EPOCHS})")
     parser.add_argument("--no-cv", action="store_true", help="only the final model on all slices, into OUT/bundle")
     parser.add_argument("--labels", choices=("binary", "multiclass"), default="binary",
                         help="binary: DATA/masks (infection); multiclass: DATA/masks_multiclass (1 ground glass, "
@@ -309,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         knobs["labels"] = "multiclass"
     if args.epochs:
         knobs["epochs"] = args.epochs
+    elif args.unlabelled and "epochs" not in parse_overrides(extra):
+        knobs["epochs"] = FINE_TUNE_EPOCHS
     if args.checkpoint == "last":
         knobs["val_interval"] = int(knobs["epochs"]) + 1
     if args.reuse_models:
