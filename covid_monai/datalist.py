@@ -14,7 +14,14 @@ import numpy as np
 
 from covid_monai.io import atomic_write_text, is_nifti, nifti_stem
 
-__all__ = ["DataCheckError", "build_datalist", "check_training_data", "pair_images_labels", "write_datalist"]
+__all__ = [
+    "DataCheckError",
+    "build_datalist",
+    "bundle_datalist",
+    "check_training_data",
+    "pair_images_labels",
+    "write_datalist",
+]
 
 
 class DataCheckError(ValueError):
@@ -89,6 +96,51 @@ def build_datalist(
         "training": [items[i] for i in sorted(order[n_val:])],
         "validation": [items[i] for i in val],
     }
+
+
+def bundle_datalist(
+    data_list_file: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    key: str,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> list[dict[str, str]]:
+    """One list of a bundle's training data: from its datalist file when there is one, else found in ``dataset_dir``.
+
+    With ``data_list_file`` present this is MONAI's ``load_decathlon_datalist`` (paths relative to ``dataset_dir``).
+    Without it, the cases are ``dataset_dir/images`` paired with ``dataset_dir/labels`` by name, and a fifth of them
+    (``val_fraction``, at least one) validate, chosen at random with ``seed``, as :func:`build_datalist` splits a
+    folder; so ``python -m monai.bundle run --config_file configs/train.json --dataset_dir D`` trains from ``D`` as
+    Model Zoo bundles do.
+
+    Args:
+        data_list_file: a Decathlon-style datalist JSON (it need not exist).
+        dataset_dir: the data folder.
+        key: ``"training"`` or ``"validation"``.
+        seed: seed of the split.
+        val_fraction: share of cases validating when the folder is split.
+
+    Returns:
+        ``[{"image": path, "label": path}]``.
+
+    Raises:
+        DataCheckError: neither a datalist file nor ``images/`` and ``labels/`` that pair up in ``dataset_dir``.
+
+    Example:
+        >>> bundle_datalist("configs/datalist.json", "/data/covid19_ct", "validation", seed=0)  # doctest: +SKIP
+        [{'image': '/data/covid19_ct/images/case_3.nii.gz', 'label': '/data/covid19_ct/labels/case_3.nii.gz'}]
+    """
+    if key not in ("training", "validation"):
+        raise ValueError(f"datalist key {key!r}: use 'training' or 'validation'")
+    if Path(data_list_file).is_file():
+        from monai.data import load_decathlon_datalist
+
+        return load_decathlon_datalist(str(data_list_file), data_list_key=key, base_dir=str(dataset_dir))
+    try:
+        return build_datalist(Path(dataset_dir), val_fraction=val_fraction, seed=seed)[key]
+    except DataCheckError as exc:
+        message = f"no datalist file {data_list_file}, and no training data in {dataset_dir}:\n{exc}"
+        raise DataCheckError(message) from exc
 
 
 def _absolute(item: Mapping[str, Any], base: Path) -> dict[str, str]:

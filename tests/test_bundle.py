@@ -218,3 +218,32 @@ def test_seed_model_configs(tmp_path, override, loss, metric):
     assert list(parser.get_parsed_content("validate#key_metric")) == [metric]
     network = parser.get_parsed_content("network_def")
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in network.modules())
+
+
+def test_zoo_style_run_trains_from_dataset_dir_with_device_string(tmp_path):
+    """``monai.bundle run ... --dataset_dir D --device cpu`` with no datalist: ``D/images`` + ``D/labels``, a fifth
+    validating (seeded), as Model Zoo bundles glob their data; the multi-GPU configs take the string too."""
+    from covid_monai.datalist import DataCheckError, bundle_datalist
+    from covid_monai.phantom import write_phantoms
+
+    bundle = create_bundle(tmp_path / "bundle", TINY_KNOBS)
+    data = tmp_path / "data"
+    write_phantoms(data, n=3, shape=(48, 48, 12), seed=5)
+    assert not (bundle / "configs" / "datalist.json").exists()
+    parser = load_config(bundle, ["train.json"], {"dataset_dir": str(data)})
+    train, val = parser.get_parsed_content("train_datalist"), parser.get_parsed_content("val_datalist")
+    assert (len(train), len(val)) == (2, 1) and not {d["image"] for d in train} & {d["image"] for d in val}
+    assert all(Path(d["label"]).parent == data / "labels" for d in train + val)
+    with pytest.raises(DataCheckError, match=r"(?s)no datalist file .* no training data in .*nothing/images: folder"):
+        bundle_datalist(bundle / "configs" / "datalist.json", tmp_path / "nothing", "training")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    for launcher, configs, models in (
+        ([], "configs/train.json", bundle / "models"),
+        (["torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m"],  # the multi-GPU configs, gloo
+         "['configs/train.json','configs/multi_gpu_train.json']", tmp_path / "ddp_models"),
+    ):
+        command = [sys.executable, "-m", *launcher, "monai.bundle", "run", "--config_file", configs, "--dataset_dir",
+                   str(data), "--device", "cpu", "--epochs", "1", "--ckpt_dir", str(models)]
+        result = subprocess.run(command, cwd=bundle, env=env, capture_output=True, text=True, timeout=1500)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert (models / "latest.pt").is_file() and (models / "model.pt").is_file()
