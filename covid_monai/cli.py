@@ -1,4 +1,4 @@
-"""The ``covid-monai`` command line: phantom, train, infer, evaluate, demo.
+"""The ``covid-monai`` command line: phantom, train, infer, report, evaluate, demo.
 
 Each subcommand parses its arguments and calls the module that does the work. Exit codes: 0 success, 1 some
 case failed (infer) or the job failed, 2 usage error.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -107,6 +108,13 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_probability.nii.gz")
     p.add_argument("--lungs", action="store_true", help="also write <case>_lungs.nii.gz (1 left, 2 right)")
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png (slices with overlay)")
+    p.add_argument("--lobes", type=Path, metavar="DIR",
+                   help="lobe masks per case (DIR/<case>.nii.gz, DIR/<case>_lobes.nii.gz in lungmask's labels, or "
+                   "TotalSegmentator's DIR/<case>/lung_*_lobe_*.nii.gz): % per lobe and the CT severity score")
+    p.add_argument("--seg-nrrd", action="store_true", help="also write <case>_infection.seg.nrrd (3D Slicer)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write <case>_infection.seg.dcm (DICOM Segmentation) for DICOM inputs")
+    p.add_argument("--report", action="store_true", help="write OUTDIR/report.html for the batch (implies --preview)")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the bundle's, 0.5)")
     p.add_argument("--min-lesion-ml", type=float, help="remove infection components smaller than this (mL)")
     p.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded mask (no lung limit)")
@@ -119,6 +127,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="under torchrun: split the cases across the processes, one merged summary (see docs/scaling.md)",
     )
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rebuild OUTDIR/report.html from OUTDIR/summary.json (no re-run)")
+    p.add_argument("outdir", type=Path, help="an output folder of covid-monai infer")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -145,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_phantom, _add_train, _add_infer, _add_evaluate, _add_demo):
+    for add in (_add_phantom, _add_train, _add_infer, _add_report, _add_evaluate, _add_demo):
         add(sub)
     return parser
 
@@ -186,9 +199,20 @@ def _cmd_infer(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     if args.no_postprocess:
         knobs.update(restrict_to_lungs=False, min_lesion_ml=0.0)
     runner = run_batch
+    readout: dict[str, Any] = {}
+    if args.lobes is not None:
+        if not args.lobes.is_dir():
+            raise UsageError(f"--lobes {args.lobes}: no such folder")
+        readout["lobes"] = args.lobes
+    if args.seg_nrrd:
+        readout["save_seg_nrrd"] = True
+    if args.dicom_seg:
+        readout["save_dicom_seg"] = True
     if args.distributed:
         from covid_monai.distributed import run_sharded_batch
 
+        if readout:
+            raise UsageError("--lobes, --seg-nrrd and --dicom-seg do not work with --distributed yet")
         runner = run_sharded_batch
     results = runner(
         inputs,
@@ -199,19 +223,33 @@ def _cmd_infer(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         workers=args.workers,
         save_probabilities=args.save_probabilities,
         save_lungs=args.lungs,
-        save_preview=args.preview,
+        save_preview=args.preview or args.report,
         overwrite=args.overwrite,
         force=args.force,
         progress=not args.quiet,
         debug=args.debug,
+        **readout,
     )
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     print(f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed "
           f"-> {args.output / 'summary.csv'}")
+    if args.report and os.environ.get("RANK", "0") == "0":  # one report per run, from the merged summary
+        from covid_monai.report import write_report
+
+        print(f"report: {write_report(args.output)}")
     for r in results:
         if r.status == "failed":
             print(f"  FAILED {r.input}: {r.error}")
     return EXIT_FAILED if counts["failed"] else EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from covid_monai.report import write_report
+
+    if not (args.outdir / "summary.json").is_file():
+        raise UsageError(f"{args.outdir}: no summary.json (an output folder of covid-monai infer)")
+    print(f"report: {write_report(args.outdir)}")
+    return EXIT_OK
 
 
 def _cmd_evaluate(args: argparse.Namespace, extra: dict[str, Any]) -> int:
@@ -236,6 +274,7 @@ COMMANDS = {
     "phantom": _cmd_phantom,
     "train": _cmd_train,
     "infer": _cmd_infer,
+    "report": _cmd_report,
     "evaluate": _cmd_evaluate,
     "demo": _cmd_demo,
 }

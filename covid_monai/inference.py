@@ -39,9 +39,11 @@ from covid_monai.io import (
     nifti_stem,
     save_nifti_like,
 )
+from covid_monai.lobes import read_lobes
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
 from covid_monai.preview import save_preview, slicer_color_tables
-from covid_monai.quantify import quantify_case
+from covid_monai.quantify import LOBE_FIELDS, LOBE_LABELS, ZONE_FIELDS, quantify_case
+from covid_monai.segexport import segments_for, write_dicom_seg, write_seg_nrrd
 
 __all__ = [
     "SUMMARY_FIELDS",
@@ -74,6 +76,21 @@ SUMMARY_FIELDS = (
     "pct_right",
     "pct_lungs",
     "lesions",
+    "ggo_ml",
+    "consolidation_ml",
+    "class_source",
+    "pct_zone_right_upper",
+    "pct_zone_right_middle",
+    "pct_zone_right_lower",
+    "pct_zone_left_upper",
+    "pct_zone_left_middle",
+    "pct_zone_left_lower",
+    "pct_lobe_lul",
+    "pct_lobe_lll",
+    "pct_lobe_rul",
+    "pct_lobe_rml",
+    "pct_lobe_rll",
+    "ct_severity_score",
     "seconds",
 )
 
@@ -124,6 +141,21 @@ class CaseResult:
     pct_right: float | None = None
     pct_lungs: float | None = None
     lesions: int | None = None
+    ggo_ml: float | None = None
+    consolidation_ml: float | None = None
+    class_source: str = ""
+    pct_zone_right_upper: float | None = None
+    pct_zone_right_middle: float | None = None
+    pct_zone_right_lower: float | None = None
+    pct_zone_left_upper: float | None = None
+    pct_zone_left_middle: float | None = None
+    pct_zone_left_lower: float | None = None
+    pct_lobe_lul: float | None = None
+    pct_lobe_lll: float | None = None
+    pct_lobe_rul: float | None = None
+    pct_lobe_rml: float | None = None
+    pct_lobe_rll: float | None = None
+    ct_severity_score: int | None = None
     seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -273,6 +305,8 @@ def output_paths(out_dir: str | os.PathLike, case: str) -> dict[str, Path]:
         "probability": out / f"{case}_probability.nii.gz",
         "lungs": out / f"{case}_lungs.nii.gz",
         "preview": out / f"{case}_preview.png",
+        "seg_nrrd": out / f"{case}_infection.seg.nrrd",
+        "dicom_seg": out / f"{case}_infection.seg.dcm",
     }
 
 
@@ -325,6 +359,9 @@ class BatchSegmenter:
         save_probabilities: also write ``<case>_probability.nii.gz`` (float32).
         save_lungs: also write ``<case>_lungs.nii.gz`` (1 left, 2 right).
         save_preview: also write ``<case>_preview.png`` (axial and coronal slices with the infection overlaid).
+        lobes_dir: lobe masks per case (:mod:`covid_monai.lobes`) for the lobe columns and the CT severity score.
+        save_seg_nrrd: also write ``<case>_infection.seg.nrrd`` (3D Slicer segmentation).
+        save_dicom_seg: also write ``<case>_infection.seg.dcm`` (DICOM Segmentation) for DICOM inputs.
 
     Example:
         >>> segmenter = BatchSegmenter("demo_output/bundle", device="cpu")
@@ -340,8 +377,14 @@ class BatchSegmenter:
         save_probabilities: bool = False,
         save_lungs: bool = False,
         save_preview: bool = False,
+        lobes_dir: str | os.PathLike | None = None,
+        save_seg_nrrd: bool = False,
+        save_dicom_seg: bool = False,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
+        self.lobes_dir = None if lobes_dir is None else Path(lobes_dir)
+        self.save_seg_nrrd = save_seg_nrrd
+        self.save_dicom_seg = save_dicom_seg
         self.save_probabilities = save_probabilities
         self.save_lungs = save_lungs
         self.save_preview = save_preview
@@ -352,13 +395,15 @@ class BatchSegmenter:
         if unknown:
             raise ValueError(f"{self.bundle_dir}: inference.json has no setting {', '.join(unknown)}")
         knobs = {**(overrides or {}), "device": f"$torch.device('{self.device}')"}
-        knobs["keep_original"] = save_preview
         if "map_probability_back" in self.parser:  # the probability map onto the scan's grid, only to be saved
             knobs["map_probability_back"] = save_probabilities
         if "keep_probability" in self.parser:  # bundles made before the probability map was always kept
             knobs["keep_probability"] = save_probabilities
         for key, value in knobs.items():
             self.parser[key] = value
+        # a binary mask is split into ground glass and consolidation by the scan's HU on its own grid
+        self.hu_split = not self.multiclass and bool(self._knob("hu_data", True))
+        self.parser["keep_original"] = save_preview or self.hu_split
         ckpt = Path(self.parser.get_parsed_content("ckpt_path"))
         if not ckpt.is_file():
             raise FileNotFoundError(f"{self.bundle_dir}: no trained weights at {ckpt}")
@@ -440,7 +485,7 @@ class BatchSegmenter:
         todo = []
         for case in cases:
             paths = output_paths(out, case.name)
-            if not overwrite and all(paths[k].is_file() for k in wanted):
+            if not overwrite and all(paths[k].is_file() for k in wanted + self._dicom_seg(case, before)):
                 results[case.name] = _with_facts(_skipped(case, before.get(case.name), paths["infection"]), case)
                 if on_result:
                     on_result(results[case.name])
@@ -496,23 +541,83 @@ class BatchSegmenter:
                 save_preview(np.asarray(data["original_image"][0]), mask, affine, paths["preview"])
             elif self.save_preview:
                 notes.append("no preview: this bundle's inference.json has no keep_original step")
+            notes += self._write_segmentations(case, mask, affine, paths)
             save_nifti_like(mask, paths["infection"], affine, reference)  # last: its presence marks a done case
             result.shape = "x".join(str(s) for s in mask.shape)
             result.spacing = "x".join(f"{s:.4g}" for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+            numbers = self._quantify(case, data, mask, affine, lungs, notes)
             result.warnings = "; ".join(notes)
-            _fill_numbers(result, quantify_case(mask, affine, lungs))
+            _fill_numbers(result, numbers)
         except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
             result.status, result.error = "failed", one_line(exc)
             if debug:
                 result.extra["trace"] = traceback.format_exc()
         return result
 
+    def _quantify(
+        self, case: Case, data: dict[str, Any], mask: np.ndarray, affine: np.ndarray, lungs: np.ndarray | None,
+        notes: list[str],
+    ) -> dict[str, Any]:
+        """:func:`quantify_case` with the scan's HU (binary masks) and the case's lobes; problems go to ``notes``."""
+        image = np.asarray(data["original_image"][0]) if self.hu_split and "original_image" in data else None
+        if self.hu_split and image is None:
+            notes.append("no ground glass / consolidation split: the bundle's inference.json has no keep_original step")
+        lobes = None
+        if self.lobes_dir is not None:
+            lobes, lobe_notes = read_lobes(self.lobes_dir, case.name, mask.shape, affine)
+            notes += lobe_notes
+        numbers = quantify_case(mask, affine, lungs, image=image, lobes=lobes, multiclass=self.multiclass)
+        absent = [name.upper() for name in LOBE_LABELS if lobes is not None and numbers[f"pct_lobe_{name}"] is None]
+        if absent:
+            notes.append(f"lobe mask has no {', '.join(absent)} voxels: scored 0")
+        return numbers
+
+    def _write_segmentations(
+        self, case: Case, mask: np.ndarray, affine: np.ndarray, paths: Mapping[str, Path]
+    ) -> list[str]:
+        """``--seg-nrrd`` and ``--dicom-seg`` outputs; returns warnings (a DICOM-SEG that cannot be made)."""
+        segments = segments_for(self.multiclass)
+        if self.save_seg_nrrd:
+            write_seg_nrrd(mask, affine, paths["seg_nrrd"], segments)
+        if not self.save_dicom_seg:
+            return []
+        if case.kind != "dicom":
+            return ["no DICOM-SEG: the input is not a DICOM series"]
+        import contextlib
+        import zipfile
+
+        from covid_monai import __version__
+
+        try:
+            with contextlib.ExitStack() as stack:
+                files: list[Any] = list(case.files or sorted(str(p) for p in case.source.iterdir() if p.is_file()))
+                if is_zip(case.source):
+                    archive = stack.enter_context(zipfile.ZipFile(case.source))
+                    files = [stack.enter_context(archive.open(member)) for member in files]
+                write_dicom_seg(mask, affine, files, paths["dicom_seg"], segments, ("covid-monai", __version__),
+                                {"bundle": self.bundle_dir.name})
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            return [f"no DICOM-SEG: {one_line(exc)}"]
+        return []
+
+    def _dicom_seg(self, case: Case, before: Mapping[str, CaseResult]) -> list[str]:
+        """``["dicom_seg"]`` when this case should have one (a DICOM input with ``--dicom-seg``, not refused before)."""
+        earlier = before.get(case.name)
+        refused = earlier is not None and "no DICOM-SEG:" in (earlier.warnings or "")
+        return ["dicom_seg"] if self.save_dicom_seg and case.kind == "dicom" and not refused else []
+
 
 def _fill_numbers(result: CaseResult, numbers: Mapping[str, Any]) -> None:
-    for key in ("infection_ml", "lung_left_ml", "lung_right_ml", "lung_ml", "pct_left", "pct_right", "pct_lungs"):
+    for key in ("infection_ml", "lung_left_ml", "lung_right_ml", "lung_ml", "pct_left", "pct_right", "pct_lungs",
+                "ggo_ml", *ZONE_FIELDS, *LOBE_FIELDS):
         value = numbers.get(key)
         setattr(result, key, None if value is None else round(float(value), 4))
     result.lesions = int(numbers["lesions"])
+    if result.ggo_ml is not None and result.infection_ml is not None:  # so that ggo + consolidation = infection
+        result.consolidation_ml = round(result.infection_ml - result.ggo_ml, 4)
+    result.class_source = str(numbers.get("class_source") or "")
+    score = numbers.get("ct_severity_score")
+    result.ct_severity_score = None if score is None else int(score)
 
 
 def _skipped(case: Case, before: CaseResult | None, mask_path: Path) -> CaseResult:
@@ -612,6 +717,9 @@ def run_batch(
     save_probabilities: bool = False,
     save_lungs: bool = False,
     save_preview: bool = False,
+    lobes: str | os.PathLike | None = None,
+    save_seg_nrrd: bool = False,
+    save_dicom_seg: bool = False,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -633,6 +741,10 @@ def run_batch(
         save_probabilities: also write probability maps.
         save_lungs: also write lung masks.
         save_preview: also write preview PNGs.
+        lobes: folder of lobe masks (``<case>.nii.gz``, ``<case>_lobes.nii.gz`` or TotalSegmentator's
+            ``<case>/lung_*_lobe_*.nii.gz``) for the lobe columns and the CT severity score.
+        save_seg_nrrd: also write 3D Slicer segmentations (``.seg.nrrd``).
+        save_dicom_seg: also write DICOM Segmentations (``.seg.dcm``) for DICOM inputs.
         overwrite: redo finished cases.
         force: allow an output folder inside an input folder.
         progress: show a progress bar.
@@ -656,7 +768,8 @@ def run_batch(
             raise ValueError(f"shard index {index} outside 0..{count - 1}")
         cases, failures = cases[index::count], failures if index == 0 else []
         summary_name = f"summary.shard{index}"
-    segmenter = BatchSegmenter(bundle_dir, device, knobs, workers, save_probabilities, save_lungs, save_preview)
+    segmenter = BatchSegmenter(bundle_dir, device, knobs, workers, save_probabilities, save_lungs, save_preview,
+                               lobes_dir=lobes, save_seg_nrrd=save_seg_nrrd, save_dicom_seg=save_dicom_seg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = read_summary(out) + read_summary(out, summary_name)
