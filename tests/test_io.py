@@ -132,3 +132,20 @@ def test_streamed_read_equals_nibabel(tmp_path, suffix):
         path.write_bytes(gzip.compress(gzip.decompress(data)[: 352 + raw.nbytes // 2]))
     with pytest.raises(OSError, match=f"cut{suffix}.*ends before"):
         read_nifti_float32(nib.load(str(path)))
+
+
+def test_atomic_write_text_is_utf8_under_an_ascii_locale(tmp_path):
+    """summary.csv holds input paths; a non-ASCII path under the C locale must not stop the batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = tmp_path / "summary.csv"
+    text = "'s\\u00e9rie \\u00fc\\n'"  # escaped: the command line itself stays ASCII
+    code = f"from covid_monai.io import atomic_write_text; atomic_write_text({str(target)!r}, {text})"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert target.read_bytes() == "série ü\n".encode()
