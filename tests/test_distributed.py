@@ -31,7 +31,7 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 ARGS`` (as ``python -m torch.distributed.run``), checked."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return result
 
@@ -181,7 +181,7 @@ def test_cli_distributed_switch_runs_sharded(tmp_path, random_bundle, phantoms):
                "covid_monai", "infer", str(phantoms / "images"), "-o", str(out), "--bundle", str(random_bundle),
                "--device", "cpu", "--quiet", "--distributed", "--workers", "0"]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((out / "summary.json").read_text())["cases"]
     assert sorted(r["case"] for r in rows) == [f"phantom_{i:03d}" for i in range(4)]

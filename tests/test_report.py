@@ -175,7 +175,7 @@ def _chromium() -> str:
 def _browser(chromium: str, *args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="covid_monai_chromium_") as profile:
         return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_report_renders_and_sorts_in_headless_chromium(tmp_path):
