@@ -24,7 +24,8 @@ CONFIGS = TEMPLATE_BUNDLE / "configs"
 def _bundle_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600
+        [sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env,
+            capture_output=True, encoding="utf-8", errors="replace", timeout=600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -244,6 +245,7 @@ def test_zoo_style_run_trains_from_dataset_dir_with_device_string(tmp_path):
     ):
         command = [sys.executable, "-m", *launcher, "monai.bundle", "run", "--config_file", configs, "--dataset_dir",
                    str(data), "--device", "cpu", "--epochs", "1", "--ckpt_dir", str(models)]
-        result = subprocess.run(command, cwd=bundle, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=1500)
+        result = subprocess.run(command, cwd=bundle, env=env,
+            capture_output=True, encoding="utf-8", errors="replace", timeout=1500)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert (models / "latest.pt").is_file() and (models / "model.pt").is_file()

@@ -31,7 +31,8 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=2 ARGS`` (as ``python -m torch.distributed.run``), checked."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    result = subprocess.run(command, cwd=cwd, env=env,
+        capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return result
 

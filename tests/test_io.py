@@ -146,6 +146,7 @@ def test_atomic_write_text_is_utf8_under_an_ascii_locale(tmp_path):
     code = f"from covid_monai.io import atomic_write_text; atomic_write_text({str(target)!r}, {text})"
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
+    result = subprocess.run([sys.executable, "-c", code], env=env,
+        capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert target.read_bytes() == "série ü\n".encode()
