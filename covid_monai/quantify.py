@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from covid_monai.lungs import LEFT_LUNG, RIGHT_LUNG
 from covid_monai.parallel import map_slabs
-from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG, bounding_box
+from covid_monai.transforms import bounding_box
 
 __all__ = [
     "HU_CONSOLIDATION",
@@ -93,7 +94,7 @@ def quantify_case(
       face, an edge or a corner are one lesion); no size filter (remove small components before, e.g. with MONAI's
       ``RemoveSmallObjectsd``);
     * ``lung_left_ml`` / ``lung_right_ml``: voxels labelled 1 (left lung) / 2 (right lung) in ``lungs``, the
-      COVID-19-CT-Seg convention written by :func:`covid_monai.transforms.lung_mask_from_hu`;
+      COVID-19-CT-Seg convention written by :func:`covid_monai.lungs.lung_mask_from_hu`;
       ``lung_ml``: all voxels with ``lungs > 0`` (so a binary 0/1 lung mask counts as "left" plus total);
     * ``pct_left`` / ``pct_right`` / ``pct_lungs``: infected voxels inside that lung (both lungs) divided by the
       voxels of that lung (both lungs), times 100. Infection outside the lung mask is not in the percentages.

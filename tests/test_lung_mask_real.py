@@ -1,4 +1,4 @@
-"""Real-data tests of the HU lung mask (:func:`covid_monai.transforms.lung_mask_from_hu`).
+"""Real-data tests of the HU lung mask (:func:`covid_monai.lungs.lung_mask_from_hu`).
 
 They use ``../shared/data/real_ct`` and skip when that folder is absent:
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from covid_monai.transforms import LEFT_LUNG, RIGHT_LUNG, lung_mask_from_hu
+from covid_monai.lungs import LEFT_LUNG, RIGHT_LUNG, lung_mask_from_hu
 from tests.conftest import shared_data
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 
+from covid_monai.lungs import _fill_holes_axial
 from covid_monai.parallel import map_in_threads, map_slabs, worker_threads
-from covid_monai.transforms import _fill_holes_axial
 
 
 def test_results_keep_order_and_use_several_threads() -> None:
