@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
+from covid_monai.errors import UsageError
 from covid_monai.io import atomic_write_text
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "bundle_config_files",
     "create_bundle",
     "load_config",
+    "parse_overrides",
     "read_knobs",
     "resolve_device",
     "run_workflow",
@@ -94,6 +96,47 @@ def validate_override_value(key: str, value: Any) -> Any:
         for item in value.values():
             validate_override_value(key, item)
     return value
+
+
+def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
+    """Bundle overrides from ``--key value`` pairs (values parsed as JSON, else kept as strings).
+
+    Values are data only: a string starting with ``$``, ``@`` or ``%`` (code or a reference in bundle configs)
+    is refused (:func:`validate_override_value`). Dashes in keys become underscores.
+
+    Args:
+        tokens: e.g. ``["--epochs", "5", "--pixdim", "[1.5, 1.5, -1]"]``; ``--key=value`` works too.
+
+    Returns:
+        ``{"epochs": 5, "pixdim": [1.5, 1.5, -1]}``.
+
+    Raises:
+        covid_monai.errors.UsageError: a token that is not ``--key``, a key without a value, or a code value.
+
+    Example:
+        >>> parse_overrides(["--epochs", "3", "--network_norm", "batch"])
+        {'epochs': 3, 'network_norm': 'batch'}
+    """
+    overrides: dict[str, Any] = {}
+    items = list(tokens)
+    while items:
+        token = items.pop(0)
+        if not token.startswith("--") or len(token) < 3:
+            raise UsageError(f"unexpected argument {token!r} (bundle settings are given as --key value)")
+        key, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if not items:
+                raise UsageError(f"--{key} needs a value")
+            value = items.pop(0)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        try:
+            overrides[key.replace("-", "_")] = validate_override_value(key, parsed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    return overrides
 
 
 def load_config(

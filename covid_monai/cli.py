@@ -1,13 +1,14 @@
-"""The ``covid-monai`` command line: phantom, train, infer, report, evaluate, demo.
+"""The ``covid-monai`` command line: phantom, train, prepare-train, infer, report, evaluate, demo.
 
 Each subcommand parses its arguments and calls the module that does the work. Exit codes: 0 success, 1 some
-case failed (infer) or the job failed, 2 usage error.
+case failed (infer) or the job failed, 2 usage error. The one parser also serves ``torchrun``: ``infer
+--distributed`` splits the cases across the processes it started (:mod:`covid_monai.distributed`) and
+``prepare-train`` makes a bundle folder for multi-process training (``docs/scaling.md``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,54 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from covid_monai import __version__
+from covid_monai.errors import SharedRunError, UsageError
 
-__all__ = ["main", "parse_overrides"]
+__all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """A bad command line: reported in one line, exit code 2."""
-
-
-def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
-    """Bundle overrides from ``--key value`` pairs (values parsed as JSON, else kept as strings).
-
-    Values are data only: a string starting with ``$``, ``@`` or ``%`` (code or a reference in bundle configs)
-    is refused.
-
-    Args:
-        tokens: e.g. ``["--epochs", "5", "--pixdim", "[1.5, 1.5, -1]"]``; ``--key=value`` works too.
-
-    Returns:
-        ``{"epochs": 5, "pixdim": [1.5, 1.5, -1]}``.
-
-    Example:
-        >>> parse_overrides(["--epochs", "3", "--network_norm", "batch"])
-        {'epochs': 3, 'network_norm': 'batch'}
-    """
-    from covid_monai.bundle import validate_override_value
-
-    overrides: dict[str, Any] = {}
-    items = list(tokens)
-    while items:
-        token = items.pop(0)
-        if not token.startswith("--") or len(token) < 3:
-            raise UsageError(f"unexpected argument {token!r} (bundle settings are given as --key value)")
-        key, _, value = token[2:].partition("=")
-        if not _:
-            if not items:
-                raise UsageError(f"--{key} needs a value")
-            value = items.pop(0)
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = value
-        try:
-            overrides[key.replace("-", "_")] = validate_override_value(key, parsed)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-    return overrides
 
 
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +49,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/models/latest.pt")
 
 
+def _add_prepare_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare-train",
+        help="make a bundle folder to train with torchrun (no training)",
+        description="Write a bundle folder with the knobs in its configs and a checked configs/datalist.json, "
+        "ready for torchrun ... -m monai.bundle run with configs/multi_gpu_train.json (see docs/scaling.md). "
+        "Other --key value pairs set bundle settings, e.g. --epochs 100 --val_interval 5.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder with images/ and labels/, or a datalist JSON")
+    p.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share when splitting (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "infer",
@@ -110,7 +82,7 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview", action="store_true", help="also write <case>_preview.png (slices with overlay)")
     p.add_argument("--lobes", type=Path, metavar="DIR",
                    help="lobe masks per case (DIR/<case>.nii.gz, DIR/<case>_lobes.nii.gz in lungmask's labels, or "
-                   "TotalSegmentator's DIR/<case>/lung_*_lobe_*.nii.gz): % per lobe and the CT severity score")
+                   "TotalSegmentator's DIR/<case>/lung_*_lobe_*.nii.gz): %% per lobe and the CT severity score")
     p.add_argument("--seg-nrrd", action="store_true", help="also write <case>_infection.seg.nrrd (3D Slicer)")
     p.add_argument("--dicom-seg", action="store_true",
                    help="also write <case>_infection.seg.dcm (DICOM Segmentation) for DICOM inputs")
@@ -125,7 +97,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="under torchrun: split the cases across the processes, one merged summary (see docs/scaling.md)",
+        help="under torchrun: split the cases across the processes (rank r on cuda:LOCAL_RANK), one merged summary "
+        "(see docs/scaling.md)",
     )
 
 
@@ -158,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_phantom, _add_train, _add_infer, _add_report, _add_evaluate, _add_demo):
+    for add in (_add_phantom, _add_train, _add_prepare_train, _add_infer, _add_report, _add_evaluate, _add_demo):
         add(sub)
     return parser
 
@@ -176,6 +149,15 @@ def _cmd_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 
     out = train_bundle(args.data, args.out, extra, args.device, args.val_fraction, args.seed, args.resume)
     print(f"trained bundle: {out} (weights {out / 'models' / 'model.pt'})")
+    return EXIT_OK
+
+
+def _cmd_prepare_train(args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    from covid_monai.distributed import prepare_training
+
+    bundle = prepare_training(args.data, args.out, extra, args.val_fraction, args.seed)
+    print(f"bundle ready: {bundle}; train it from that folder with\n  torchrun --standalone --nproc_per_node=N "
+          f"-m monai.bundle run --config_file \"['configs/train.json','configs/multi_gpu_train.json']\"")
     return EXIT_OK
 
 
@@ -198,42 +180,27 @@ def _cmd_infer(args: argparse.Namespace, extra: dict[str, Any]) -> int:
         knobs["min_lesion_ml"] = args.min_lesion_ml
     if args.no_postprocess:
         knobs.update(restrict_to_lungs=False, min_lesion_ml=0.0)
-    runner = run_batch
-    readout: dict[str, Any] = {}
-    if args.lobes is not None:
-        if not args.lobes.is_dir():
-            raise UsageError(f"--lobes {args.lobes}: no such folder")
-        readout["lobes"] = args.lobes
-    if args.seg_nrrd:
-        readout["save_seg_nrrd"] = True
-    if args.dicom_seg:
-        readout["save_dicom_seg"] = True
+    if args.lobes is not None and not args.lobes.is_dir():
+        raise UsageError(f"--lobes {args.lobes}: no such folder")
+    options = dict(knobs=knobs, device=args.device, workers=args.workers, save_probabilities=args.save_probabilities,
+                   save_lungs=args.lungs, save_preview=args.preview or args.report, lobes=args.lobes,
+                   save_seg_nrrd=args.seg_nrrd, save_dicom_seg=args.dicom_seg, overwrite=args.overwrite,
+                   force=args.force, progress=not args.quiet, debug=args.debug)
+    by = ""
     if args.distributed:
-        from covid_monai.distributed import run_sharded_batch
+        from covid_monai.distributed import distributed_context, run_sharded_batch
 
-        if readout:
-            raise UsageError("--lobes, --seg-nrrd and --dicom-seg do not work with --distributed yet")
-        runner = run_sharded_batch
-    results = runner(
-        inputs,
-        args.output,
-        args.bundle,
-        knobs=knobs,
-        device=args.device,
-        workers=args.workers,
-        save_probabilities=args.save_probabilities,
-        save_lungs=args.lungs,
-        save_preview=args.preview or args.report,
-        overwrite=args.overwrite,
-        force=args.force,
-        progress=not args.quiet,
-        debug=args.debug,
-        **readout,
-    )
+        results = run_sharded_batch(inputs, args.output, args.bundle, **options)
+        rank, world, _ = distributed_context()
+        if rank != 0:  # every rank has the merged results: rank 0 alone reports them and gives the exit code
+            return EXIT_OK
+        by = f" by {world} process(es)"
+    else:
+        results = run_batch(inputs, args.output, args.bundle, **options)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
-    print(f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed "
+    print(f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed{by} "
           f"-> {args.output / 'summary.csv'}")
-    if args.report and os.environ.get("RANK", "0") == "0":  # one report per run, from the merged summary
+    if args.report:  # one report per run, from the (merged) summary
         from covid_monai.report import write_report
 
         print(f"report: {write_report(args.output)}")
@@ -273,6 +240,7 @@ def _cmd_demo(args: argparse.Namespace, extra: dict[str, Any]) -> int:
 COMMANDS = {
     "phantom": _cmd_phantom,
     "train": _cmd_train,
+    "prepare-train": _cmd_prepare_train,
     "infer": _cmd_infer,
     "report": _cmd_report,
     "evaluate": _cmd_evaluate,
@@ -281,14 +249,27 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``covid-monai`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    """Run ``covid-monai`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    With ``infer --distributed`` (under ``torchrun``) log lines name their rank, rank 0 prints the counts and gives
+    the exit code of the batch (the other ranks return 0), and a run that fails as a whole returns 1 on every rank
+    with one error line from rank 0.
+
+    Example:
+        >>> main(["infer", "scans/", "-o", "masks/", "--bundle", "demo_output/bundle", "--device", "cpu"])
+        0
+    """
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    rank = os.environ.get("RANK", "0") if getattr(args, "distributed", False) else None
+    where = "" if rank is None else f" rank{rank}"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{where} %(name)s %(levelname)s: %(message)s")
     try:
-        if unknown and args.command not in ("train", "demo", "infer"):
+        if unknown and args.command not in ("train", "prepare-train", "demo", "infer"):
             raise UsageError(f"unrecognised arguments: {' '.join(unknown)}")
+        from covid_monai.bundle import parse_overrides
+
         extra = parse_overrides(unknown)
         started = time.perf_counter()
         code = COMMANDS[args.command](args, extra)
@@ -304,13 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line; the traceback with --debug
         if debug:
             traceback.print_exc()
+        if isinstance(exc, SharedRunError) and rank not in (None, "0"):
+            return EXIT_FAILED  # every rank has the same error: rank 0 prints it
         from covid_monai.datalist import DataCheckError
         from covid_monai.errors import one_line
 
         message = str(exc) if isinstance(exc, DataCheckError) else one_line(exc, limit=1000)
-        print(f"covid-monai {args.command}: error: {message}", file=sys.stderr)
+        where = "" if rank is None else f" (rank {rank})"
+        print(f"covid-monai {args.command}{where}: error: {message}", file=sys.stderr)
         return EXIT_FAILED
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,7 @@
 
 Training runs the bundle itself (``configs/multi_gpu_train.json``: DistributedDataParallel, DistributedSampler);
 :func:`prepare_training` makes the bundle folder it runs in. Sharded batch inference is :func:`run_sharded_batch`.
+The command line is ``covid-monai``'s (:mod:`covid_monai.cli`): ``infer --distributed`` and ``prepare-train``.
 
 In sharded inference every process (rank) discovers the same sorted cases and segments ``cases[rank::world_size]`` with
 :func:`covid_monai.inference.run_batch` (one model load per rank, atomic outputs, finished cases skipped), keeping
@@ -11,21 +12,22 @@ A case that fails is recorded as failed, as in a single-process run, and the oth
 
 One node, two processes (the command the tests run)::
 
-    torchrun --standalone --nproc_per_node=2 -m covid_monai.distributed infer /data/scans -o /data/masks \\
-        --bundle demo_output/bundle --device cpu --lungs
+    torchrun --standalone --nproc_per_node=2 -m covid_monai infer /data/scans -o /data/masks \\
+        --bundle demo_output/bundle --device cpu --lungs --distributed
 
-Training (in a folder made by ``python -m covid_monai.distributed prepare-train --data D --out B``)::
+Training (in a folder made by ``covid-monai prepare-train --data D --out B``)::
 
     torchrun --standalone --nproc_per_node=2 -m monai.bundle run \\
         --config_file "['configs/train.json','configs/multi_gpu_train.json']"
 
 Several nodes: the same commands on every node with ``--nnodes N --nproc_per_node G --rdzv_backend c10d
 --rdzv_endpoint HOST:PORT --rdzv_id JOB`` instead of ``--standalone`` (see ``docs/scaling.md``).
+``python -m covid_monai.distributed infer ...`` and ``... prepare-train ...``, the commands of earlier versions,
+still work: they are aliases of ``covid-monai infer --distributed ...`` and ``covid-monai prepare-train ...``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -40,22 +42,16 @@ import torch.distributed as dist
 
 from covid_monai.bundle import create_bundle
 from covid_monai.datalist import build_datalist, check_training_data, write_datalist
-from covid_monai.errors import one_line
-from covid_monai.inference import (
-    CaseResult,
-    check_output_folder,
-    read_summary,
-    remove_stale_temporaries,
-    run_batch,
-    write_summary,
-)
+from covid_monai.errors import SharedRunError, one_line
+from covid_monai.inference import check_output_folder, remove_stale_temporaries, run_batch
+from covid_monai.summary import CaseResult, read_summary, write_summary
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "SharedRunError",
     "backend_for",
+    "cli_argv",
     "distributed_context",
-    "main",
     "merge_shard_summaries",
     "prepare_training",
     "rank_device",
@@ -221,10 +217,6 @@ def _prepare_output(out: Path, inputs: Sequence[str | os.PathLike], force: bool,
         merge_shard_summaries(out, meta, include_summary=True)
 
 
-class SharedRunError(RuntimeError):
-    """A failure every rank knows about (raised on all of them with the same message)."""
-
-
 def _share(value: Any, src: int = 0) -> Any:
     """``value`` of rank ``src`` on every rank (also a synchronisation point)."""
     box = [value]
@@ -242,6 +234,9 @@ def run_sharded_batch(
     save_probabilities: bool = False,
     save_lungs: bool = False,
     save_preview: bool = False,
+    lobes: str | os.PathLike | None = None,
+    save_seg_nrrd: bool = False,
+    save_dicom_seg: bool = False,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -267,6 +262,9 @@ def run_sharded_batch(
         save_probabilities: also write probability maps.
         save_lungs: also write lung masks.
         save_preview: also write preview PNGs.
+        lobes: folder of lobe masks per case (the lobe columns and the CT severity score).
+        save_seg_nrrd: also write 3D Slicer segmentations (``.seg.nrrd``).
+        save_dicom_seg: also write DICOM Segmentations (``.seg.dcm``) for DICOM inputs.
         overwrite: redo finished cases.
         force: allow an output folder inside an input folder.
         progress: show rank 0's progress bar (its shard).
@@ -286,7 +284,8 @@ def run_sharded_batch(
     """
     rank, world, local_rank = distributed_context()
     options = dict(knobs=knobs, workers=workers, save_probabilities=save_probabilities, save_lungs=save_lungs,
-                   save_preview=save_preview, overwrite=overwrite, force=force, debug=debug)
+                   save_preview=save_preview, lobes=lobes, save_seg_nrrd=save_seg_nrrd, save_dicom_seg=save_dicom_seg,
+                   overwrite=overwrite, force=force, debug=debug)
     if world == 1 and not dist.is_initialized():
         return run_batch(inputs, out_dir, bundle_dir, device=device, progress=progress, **options)
     torch_device = rank_device(device, local_rank)
@@ -338,84 +337,27 @@ def run_sharded_batch(
             dist.destroy_process_group()
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="torchrun --standalone --nproc_per_node=N -m covid_monai.distributed",
-        description="Segment many scans with several processes (torchrun); one merged summary.csv.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare-train", help="make a bundle folder to train with torchrun (no training)")
-    p.add_argument("--data", type=Path, required=True, help="folder with images/ and labels/, or a datalist JSON")
-    p.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share when splitting (default 0.2)")
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("infer", help="sharded batch inference (every rank segments cases[rank::world_size])")
-    p.add_argument("inputs", nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (shared by all ranks)")
-    p.add_argument("--bundle", type=Path, required=True, help="trained bundle folder (configs/, models/model.pt)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (rank r uses cuda:LOCAL_RANK; default auto)")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (default 1)")
-    p.add_argument("--lungs", action="store_true", help="also write <case>_lungs.nii.gz (1 left, 2 right)")
-    p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
-    p.add_argument("--force", action="store_true", help="allow an output folder inside an input folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
+def cli_argv(argv: Sequence[str]) -> list[str]:
+    """The ``covid-monai`` arguments that ``python -m covid_monai.distributed ARGS`` stands for.
 
+    The module has no command line of its own: ``infer ...`` is ``infer --distributed ...`` and anything else
+    (``prepare-train ...``, ``--help``) goes to the one parser as it is.
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of ``torchrun ... -m covid_monai.distributed infer``; returns the exit code.
+    Args:
+        argv: the arguments after ``python -m covid_monai.distributed``.
 
-    Rank 0 prints the counts and returns 1 when some case failed (torchrun then exits 1); the other ranks
-    return 0. A run that fails as a whole prints one error line and returns 1 on every rank.
+    Returns:
+        The arguments for :func:`covid_monai.cli.main`.
 
     Example:
-        >>> main(["infer", "scans/", "-o", "masks/", "--bundle", "demo_output/bundle", "--device", "cpu"])
-        0
+        >>> cli_argv(["infer", "scans/", "-o", "masks/", "--bundle", "b"])
+        ['infer', '--distributed', 'scans/', '-o', 'masks/', '--bundle', 'b']
     """
-    parser = _build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "prepare-train":
-        return _prepare_train(parser, args, extra)
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    rank = distributed_context()[0]
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s %(levelname)s: %(message)s")
-    try:
-        results = run_sharded_batch(args.inputs, args.output, args.bundle, device=args.device, workers=args.workers,
-                                    save_lungs=args.lungs, overwrite=args.overwrite, force=args.force,
-                                    progress=not args.quiet)
-    except Exception as exc:  # noqa: BLE001 - one clear line (from rank 0 when every rank has the same)
-        if rank == 0 or not isinstance(exc, SharedRunError):
-            print(f"covid_monai.distributed infer (rank {rank}): error: {one_line(exc, limit=1000)}", file=sys.stderr)
-        return 1
-    if rank != 0:
-        return 0
-    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
-    world = distributed_context()[1]
-    print(f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed "
-          f"by {world} process(es) -> {args.output / 'summary.csv'}")
-    for r in results:
-        if r.status == "failed":
-            print(f"  FAILED {r.input}: {r.error}")
-    return 1 if counts["failed"] else 0
+    argv = list(argv)
+    return ["infer", "--distributed", *argv[1:]] if argv[:1] == ["infer"] else argv
 
 
-def _prepare_train(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from covid_monai.cli import UsageError, parse_overrides
+if __name__ == "__main__":  # the alias of earlier versions: an entry point, so it may call the command line
+    from covid_monai.cli import main
 
-    try:
-        knobs = parse_overrides(extra)
-    except UsageError as exc:
-        parser.error(str(exc))
-    try:
-        bundle = prepare_training(args.data, args.out, knobs, args.val_fraction, args.seed)
-    except Exception as exc:  # noqa: BLE001 - one clear line (all data problems, for a data check)
-        print(f"covid_monai.distributed prepare-train: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"bundle ready: {bundle}; train it from that folder with\n  torchrun --standalone --nproc_per_node=N "
-          f"-m monai.bundle run --config_file \"['configs/train.json','configs/multi_gpu_train.json']\"")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(cli_argv(sys.argv[1:])))

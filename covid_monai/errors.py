@@ -1,8 +1,17 @@
-"""Turning exceptions into the one line a user reads."""
+"""Error types shared by the modules and the command line, and the one line a user reads for an exception."""
 
 from __future__ import annotations
 
-__all__ = ["one_line"]
+__all__ = ["SharedRunError", "UsageError", "one_line"]
+
+
+class UsageError(Exception):
+    """A bad command line or bad settings given on it (e.g. a bundle override): one line, exit code 2."""
+
+
+class SharedRunError(RuntimeError):
+    """A failure every rank of a distributed run knows about (raised on all of them with the same message)."""
+
 
 _WRAPPERS = ("applying transform", "Failed to instantiate component", "set '_mode_=debug'")
 

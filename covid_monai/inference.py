@@ -6,9 +6,6 @@ The pipeline itself (pre-processing, inferer, post-processing) comes from the bu
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import os
 import re
@@ -44,6 +41,7 @@ from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
 from covid_monai.preview import save_preview, slicer_color_tables
 from covid_monai.quantify import LOBE_FIELDS, LOBE_LABELS, ZONE_FIELDS, quantify_case
 from covid_monai.segexport import segments_for, write_dicom_seg, write_seg_nrrd
+from covid_monai.summary import SUMMARY_FIELDS, CaseResult, read_summary, write_summary
 
 __all__ = [
     "SUMMARY_FIELDS",
@@ -55,45 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("covid_monai.inference")
-
-SUMMARY_FIELDS = (
-    "case",
-    "input",
-    "status",
-    "error",
-    "warnings",
-    "shape",
-    "spacing",
-    "study_uid",
-    "series_uid",
-    "series_description",
-    "slice_thickness",
-    "infection_ml",
-    "lung_left_ml",
-    "lung_right_ml",
-    "lung_ml",
-    "pct_left",
-    "pct_right",
-    "pct_lungs",
-    "lesions",
-    "ggo_ml",
-    "consolidation_ml",
-    "class_source",
-    "pct_zone_right_upper",
-    "pct_zone_right_middle",
-    "pct_zone_right_lower",
-    "pct_zone_left_upper",
-    "pct_zone_left_middle",
-    "pct_zone_left_lower",
-    "pct_lobe_lul",
-    "pct_lobe_lll",
-    "pct_lobe_rul",
-    "pct_lobe_rml",
-    "pct_lobe_rll",
-    "ct_severity_score",
-    "seconds",
-)
-
 
 @dataclass
 class Case:
@@ -116,53 +75,6 @@ class Case:
     notes: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CaseResult:
-    """A summary row: what happened to one case and its numbers."""
-
-    case: str
-    input: str
-    status: str
-    error: str = ""
-    warnings: str = ""
-    shape: str = ""
-    spacing: str = ""
-    study_uid: str = ""
-    series_uid: str = ""
-    series_description: str = ""
-    slice_thickness: float | None = None
-    infection_ml: float | None = None
-    lung_left_ml: float | None = None
-    lung_right_ml: float | None = None
-    lung_ml: float | None = None
-    pct_left: float | None = None
-    pct_right: float | None = None
-    pct_lungs: float | None = None
-    lesions: int | None = None
-    ggo_ml: float | None = None
-    consolidation_ml: float | None = None
-    class_source: str = ""
-    pct_zone_right_upper: float | None = None
-    pct_zone_right_middle: float | None = None
-    pct_zone_right_lower: float | None = None
-    pct_zone_left_upper: float | None = None
-    pct_zone_left_middle: float | None = None
-    pct_zone_left_lower: float | None = None
-    pct_lobe_lul: float | None = None
-    pct_lobe_lll: float | None = None
-    pct_lobe_rul: float | None = None
-    pct_lobe_rml: float | None = None
-    pct_lobe_rll: float | None = None
-    ct_severity_score: int | None = None
-    seconds: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def row(self) -> dict[str, Any]:
-        """The summary fields as a plain dict (for CSV and JSON)."""
-        values = asdict(self)
-        return {key: values[key] for key in SUMMARY_FIELDS}
 
 
 def _safe_name(name: str) -> str:
@@ -635,32 +547,6 @@ def _skipped(case: Case, before: CaseResult | None, mask_path: Path) -> CaseResu
     result.spacing = "x".join(f"{s:.4g}" for s in image.header.get_zooms()[:3])
     _fill_numbers(result, quantify_case(mask, image.affine, None))
     return result
-
-
-def read_summary(out_dir: str | os.PathLike, name: str = "summary") -> list[CaseResult]:
-    """Results of an earlier run from ``out_dir/<name>.json`` (empty when there is none or it is unreadable)."""
-    path = Path(out_dir) / f"{name}.json"
-    try:
-        rows = json.loads(path.read_text())["cases"]
-        return [CaseResult(**{k: row.get(k) for k in SUMMARY_FIELDS}) for row in rows]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def write_summary(
-    out_dir: str | os.PathLike, results: Sequence[CaseResult], meta: Mapping[str, Any], name: str = "summary"
-) -> None:
-    """Write ``<name>.csv`` and ``<name>.json`` atomically (one row per case; the JSON adds run information)."""
-    rows = [r.row() for r in results]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    atomic_write_text(Path(out_dir) / f"{name}.csv", buffer.getvalue())
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    document = {**meta, "counts": counts, "cases": rows}
-    atomic_write_text(Path(out_dir) / f"{name}.json", json.dumps(document, indent=2) + "\n")
 
 
 def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:

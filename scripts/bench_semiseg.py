@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "2 consolidation), a 3-class network, per-class Dice per image")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from covid_monai.cli import parse_overrides
+    from covid_monai.bundle import parse_overrides
 
     knobs = {**RECIPE, **parse_overrides(extra), "seed": args.seed}
     if args.labels == "multiclass":

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from covid_monai.bundle import TEMPLATE_BUNDLE, create_bundle, load_config, read_knobs, validate_override_value
+from covid_monai.bundle import (
+    TEMPLATE_BUNDLE,
+    create_bundle,
+    load_config,
+    parse_overrides,
+    read_knobs,
+    validate_override_value,
+)
+from covid_monai.errors import UsageError
 from covid_monai.handlers import averaged_weights
 from covid_monai.inference import run_batch
 from covid_monai.train import train_bundle
@@ -197,6 +205,20 @@ def test_create_bundle_rejects_unknown_knobs_and_code(tmp_path):
         create_bundle(tmp_path / "c", {"epochs": "$__import__('os').system('true')"})
     with pytest.raises(ValueError):
         validate_override_value("pixdim", [1, "@network"])
+
+
+def test_parse_overrides_json_values_and_strings():
+    assert parse_overrides(["--epochs", "3", "--pixdim=[1.5, 1.5, -1]", "--network-norm", "batch"]) == {
+        "epochs": 3,
+        "pixdim": [1.5, 1.5, -1],
+        "network_norm": "batch",
+    }
+
+
+@pytest.mark.parametrize("tokens", [["--epochs"], ["epochs", "3"], ["--loss_name", "$print(1)"], ["--x", "@network"]])
+def test_parse_overrides_refuses_bad_tokens_and_code(tokens):
+    with pytest.raises(UsageError):
+        parse_overrides(tokens)
 
 
 def test_knobs_shared_by_train_and_inference_agree():

@@ -14,10 +14,11 @@ import torch
 from monai.bundle import ConfigParser
 
 from covid_monai.bundle import TEMPLATE_BUNDLE, load_config, read_knobs
+from covid_monai.cli import main
 from covid_monai.datalist import build_datalist, write_datalist
-from covid_monai.distributed import backend_for, main, merge_shard_summaries, rank_device
+from covid_monai.distributed import backend_for, cli_argv, merge_shard_summaries, rank_device
 from covid_monai.handlers import averaged_weights
-from covid_monai.inference import CaseResult, read_summary, write_summary
+from covid_monai.summary import CaseResult, read_summary, write_summary
 from tests.conftest import TINY_KNOBS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,19 +88,24 @@ def test_ddp_evaluation_gathers_every_case(ddp_bundle):
 
 
 def test_sharded_inference_each_case_once_one_summary(tmp_path, phantoms, random_bundle):
+    """The documented command: the one command line's `infer --distributed`, any of its options, under torchrun."""
     out = tmp_path / "masks"
-    result = _torchrun("-m", "covid_monai.distributed", "infer", str(phantoms / "images"), "-o", str(out),
-                       "--bundle", str(random_bundle), "--device", "cpu", "--lungs", "--quiet", cwd=tmp_path)
+    result = _torchrun("-m", "covid_monai", "infer", str(phantoms / "images"), "-o", str(out), "--bundle",
+                       str(random_bundle), "--device", "cpu", "--lungs", "--seg-nrrd", "--threshold", "0.6", "--quiet",
+                       "--distributed", cwd=tmp_path)
     cases = sorted(p.name.removesuffix(".nii.gz") for p in (phantoms / "images").glob("*.nii.gz"))
     assert len(cases) == 4
     assert sorted(p.name for p in out.glob("*_infection.nii.gz")) == [f"{c}_infection.nii.gz" for c in cases]
     assert sorted(p.name for p in out.glob("*_lungs.nii.gz")) == [f"{c}_lungs.nii.gz" for c in cases]
+    assert sorted(p.name for p in out.glob("*.seg.nrrd")) == [f"{c}_infection.seg.nrrd" for c in cases]
     summary = json.loads((out / "summary.json").read_text())
     # the merge refuses a case found in two shards, so one row per case means each case was segmented once
     assert [row["case"] for row in summary["cases"]] == cases
     assert {row["status"] for row in summary["cases"]} == {"ok"} and summary["world_size"] == WORLD
+    assert summary["knobs"] == {"threshold": 0.6}
     assert len((out / "summary.csv").read_text().splitlines()) == 1 + len(cases)
     assert not list(out.glob("summary.shard*")) and not list(out.glob(".*.tmp*"))
+    assert result.stdout.count("segmented") == 1  # rank 0 reports for all
     assert f"4 segmented, 0 skipped (done before), 0 failed by {WORLD} process(es)" in result.stdout
 
 
@@ -174,17 +180,19 @@ def test_multi_gpu_overrides_point_at_the_intended_handlers(override, configs, t
     assert addressed and addressed <= set(targets)
 
 
-def test_cli_distributed_switch_runs_sharded(tmp_path, random_bundle, phantoms):
-    """`covid-monai infer --distributed` under torchrun splits the cases and merges one summary."""
-    repo = Path(__file__).resolve().parents[1]
+def test_cli_argv_of_the_old_entry_point():
+    assert cli_argv(["infer", "scans", "-o", "out"]) == ["infer", "--distributed", "scans", "-o", "out"]
+    assert cli_argv(["prepare-train", "--data", "d", "--out", "b"]) == ["prepare-train", "--data", "d", "--out", "b"]
+    assert cli_argv(["--help"]) == ["--help"] and cli_argv([]) == []
+
+
+def test_old_entry_point_is_an_alias_of_infer_distributed(tmp_path, random_bundle, phantoms):
+    """`python -m covid_monai.distributed infer` (earlier versions' command) still runs sharded, by the one parser."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "covid_monai", "infer", str(phantoms / "images"), "-o", str(out), "--bundle", str(random_bundle),
-               "--device", "cpu", "--quiet", "--distributed", "--workers", "0"]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _torchrun("-m", "covid_monai.distributed", "infer", str(phantoms / "images"), "-o", str(out), "--bundle",
+                       str(random_bundle), "--device", "cpu", "--quiet", "--workers", "0", cwd=tmp_path)
     rows = json.loads((out / "summary.json").read_text())["cases"]
     assert sorted(r["case"] for r in rows) == [f"phantom_{i:03d}" for i in range(4)]
     assert all(r["status"] == "ok" for r in rows)
     assert not list(out.glob("summary.shard*"))
+    assert f"4 segmented, 0 skipped (done before), 0 failed by {WORLD} process(es)" in result.stdout
