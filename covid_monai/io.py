@@ -32,6 +32,7 @@ __all__ = [
     "c_order_float32",
     "atomic_path",
     "atomic_write_text",
+    "check_output_folder",
     "extract_zip_members",
     "is_nifti",
     "is_zip",
@@ -104,41 +105,83 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def check_output_folder(
+    out_dir: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    force: bool = False,
+    error: type[Exception] = ValueError,
+    hint: str = "choose another or pass --force",
+) -> None:
+    """Refuse an output folder that is an input folder or lies inside one (unless ``force``): inputs are never
+    written to unless asked.
+
+    An input file's folder counts as an input folder when the output would be that very folder.
+
+    Args:
+        out_dir: the output folder (it need not exist).
+        inputs: input files and folders.
+        force: allow it anyway.
+        error: the exception raised (the dataset scripts raise their ``DatasetError``).
+        hint: what the message tells the user to do.
+
+    Raises:
+        ValueError: (or ``error``) naming the input folder the output would write into.
+
+    Example:
+        >>> check_output_folder("scans/masks", ["scans"])
+        Traceback (most recent call last):
+        ValueError: output folder scans/masks is inside the input folder .../scans; choose another or pass --force
+    """
+    out = Path(out_dir).resolve()
+    for raw in inputs:
+        path = Path(raw).resolve()
+        folder = path if path.is_dir() else path.parent
+        if not force and (out == folder or folder in out.parents) and (path.is_dir() or out == folder):
+            raise error(f"output folder {out_dir} is inside the input folder {folder}; {hint}")
+
+
 def save_nifti_like(
     array: np.ndarray,
     path: str | os.PathLike,
-    affine: np.ndarray,
-    reference: str | os.PathLike | None = None,
-    dtype: type = np.uint8,
+    affine: np.ndarray | None = None,
+    reference: str | os.PathLike | nib.Nifti1Image | nib.Nifti1Header | None = None,
+    dtype: Any = np.uint8,
 ) -> None:
-    """Save ``array`` as NIfTI atomically, in the geometry of the input scan.
+    """Save ``array`` as NIfTI atomically, in the geometry of the input scan: the project's one NIfTI writer.
 
-    With a NIfTI ``reference`` the reference header is reused, so qform, sform and their codes are exactly those
-    of the input (3D Slicer overlays the mask on the scan voxel for voxel); scaling is reset and the data type
-    set to ``dtype``. Without one (DICOM input) ``affine`` is written as both qform and sform (scanner code).
+    With a NIfTI ``reference`` (a file, a loaded image or its header) the reference header is reused, so qform,
+    sform and their codes are exactly those of the input (3D Slicer overlays the mask on the scan voxel for voxel);
+    scaling and the display range are reset and the data type set to ``dtype``. Without one (DICOM input, synthetic
+    data) ``affine`` is written as both qform and sform (scanner code). Units are mm and s.
 
     Args:
         array: voxels in the input's storage order, shape ``(X, Y, Z)``.
         path: output file (``.nii.gz`` is compressed).
         affine: the input's voxel-to-RAS affine (used when there is no NIfTI reference).
-        reference: the input NIfTI file, or ``None``.
-        dtype: stored data type (``uint8`` masks, ``float32`` probabilities).
+        reference: the input NIfTI file, image or header (another grid: a header whose data shape and geometry are
+            that grid's), or ``None``; a reference that is not a NIfTI file name counts as none.
+        dtype: stored data type (``uint8`` masks, ``float32`` probabilities, ``int16`` HU).
+
+    Raises:
+        ValueError: ``array``'s shape is not the reference's, or there is neither a reference nor an affine.
 
     Example:
         >>> save_nifti_like(mask, "out/case_infection.nii.gz", affine, reference="scans/case.nii.gz")
     """
     data = np.asarray(array).astype(dtype, copy=False)
-    if reference is not None and is_nifti(reference):
-        ref = nib.load(str(reference))
-        header = ref.header.copy()
-        if data.shape != ref.shape[: data.ndim] or any(int(s) != 1 for s in ref.shape[data.ndim :]):
-            raise ValueError(f"{path}: array shape {data.shape} does not match the input {reference} {ref.shape}")
+    header = _reference_header(reference)
+    if header is not None:
+        shape = header.get_data_shape()
+        if data.shape != shape[: data.ndim] or any(int(s) != 1 for s in shape[data.ndim :]):
+            raise ValueError(f"{path}: array shape {data.shape} does not match the input {reference} {shape}")
         header.set_data_shape(data.shape)
         image = nib.Nifti1Image(data, None, header=header)
         image.header.set_data_dtype(dtype)
         image.header.set_slope_inter(1.0, 0.0)
         image.header["cal_min"] = 0
         image.header["cal_max"] = 0
+    elif affine is None:
+        raise ValueError(f"{path}: no reference and no affine, the voxel geometry is unknown")
     else:
         image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
         image.header.set_data_dtype(dtype)
@@ -147,6 +190,19 @@ def save_nifti_like(
     image.header.set_xyzt_units("mm", "sec")
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
+
+
+def _reference_header(
+    reference: str | os.PathLike | nib.Nifti1Image | nib.Nifti1Header | None,
+) -> nib.Nifti1Header | None:
+    """A copy of the NIfTI header of ``reference`` (file, image or header), or ``None`` when it is not NIfTI."""
+    if isinstance(reference, nib.Nifti1Header):
+        return reference.copy()
+    if isinstance(reference, nib.Nifti1Image):
+        return reference.header.copy()
+    if reference is not None and is_nifti(reference):
+        return nib.load(str(reference)).header.copy()
+    return None
 
 
 _IGNORED_SOP_CLASSES = {

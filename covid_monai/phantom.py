@@ -39,13 +39,10 @@ Example:
 
 from __future__ import annotations
 
-import gzip
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage, special
@@ -64,7 +61,6 @@ __all__ = [
     "Scanner",
     "make_phantom",
     "save_nifti",
-    "to_nifti",
     "write_phantoms",
 ]
 
@@ -1832,63 +1828,17 @@ def make_phantom(
 # Files
 
 
-def to_nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """Wrap an array in a NIfTI-1 image with qform = sform = ``affine`` (both code 1, scanner) and mm units.
-
-    Args:
-        array: voxel data; its dtype is kept on disk.
-        affine: 4x4 voxel-to-RAS-world affine.
-
-    Returns:
-        The image.
-
-    Example:
-        >>> img = to_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4))
-        >>> int(img.header["sform_code"]), int(img.header["qform_code"])
-        (1, 1)
-    """
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    img.set_data_dtype(array.dtype)
-    return img
-
-
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike[str]) -> str:
-    """Write ``array`` as a gzipped NIfTI atomically: a hidden temp file in the same folder, then ``os.replace``.
-
-    Readers never see a partial file, and a failed write leaves neither a temp file nor a changed target.
-
-    Args:
-        array: voxel data (its dtype is kept).
-        affine: 4x4 voxel-to-RAS-world affine, written as both qform and sform (code 1).
-        path: target file, normally ending in ``.nii.gz``.
+    """Write ``array`` (its dtype kept) with ``affine`` as qform and sform, atomically: the project's NIfTI writer,
+    :func:`covid_monai.io.save_nifti_like`.
 
     Returns:
         The path written.
-
-    Example:
-        >>> out = tempfile.mkdtemp()
-        >>> path = save_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4), os.path.join(out, "mask.nii.gz"))
-        >>> os.listdir(out)
-        ['mask.nii.gz']
     """
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    img = to_nifti(array, affine)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as gz:
-                img.to_file_map(img.make_file_map({"image": gz}))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from covid_monai.io import save_nifti_like  # the writer pulls in MONAI; generating phantoms does not need it
+
+    save_nifti_like(array, path, affine, dtype=array.dtype)
+    return os.fspath(path)
 
 
 def write_phantoms(

@@ -36,18 +36,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from PIL import Image
 
 if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from covid_monai.io import check_output_folder, save_nifti_like  # noqa: E402
 from scripts.datasets import (  # noqa: E402
     DatasetError,
-    atomic_path,
     atomic_write_json,
-    check_output_folder,
     setup_logging,
 )
 
@@ -164,16 +162,6 @@ def to_volume(picture: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(picture.T[:, :, None])
 
 
-def save_slice(volume: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Save a single-slice volume atomically with ``affine`` as qform and sform (scanner), units mm."""
-    image = nib.Nifti1Image(volume, affine)
-    image.set_qform(affine, 1)
-    image.set_sform(affine, 1)
-    image.header.set_xyzt_units("mm")
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-
-
 def convert(
     images: str | Path,
     out: str | Path,
@@ -208,7 +196,8 @@ def convert(
         raise DatasetError(f"--spacing {' '.join(map(str, spacing))}: spacings must be positive")
     if labels not in ("binary", "multiclass"):
         raise DatasetError(f"labels {labels!r}: expected 'binary' or 'multiclass'")
-    check_output_folder(out, [p for p in (images, masks) if p is not None])
+    inputs = [p for p in (images, masks) if p is not None]
+    check_output_folder(out, inputs, error=DatasetError, hint="choose another output folder")
     pictures = list_pictures(images)
     mask_files = list_pictures(masks) if masks is not None else {}
     if not pictures:
@@ -242,9 +231,10 @@ def convert(
             failed[name] = str(exc)
             log.error("%s", exc)
             continue
-        save_slice(to_volume(picture), affine, image_out)
+        volume = to_volume(picture)
+        save_nifti_like(volume, image_out, affine, dtype=volume.dtype)
         if mask is not None:
-            save_slice(to_volume(mask), affine, label_out)
+            save_nifti_like(to_volume(mask), label_out, affine, dtype=mask.dtype)
             pairs.append(name)
         else:
             unlabelled.append(name)

@@ -62,6 +62,7 @@ __all__ = [
     "extract_zip",
     "file_digest",
     "find_nifti",
+    "header_with_affine",
     "is_windowed",
     "kfold_groups",
     "load_nifti",
@@ -72,7 +73,6 @@ __all__ = [
     "parse_checksum",
     "read_mask",
     "run_cases",
-    "save_like",
     "split_fractions",
     "verify_file",
     "write_split_datalists",
@@ -493,44 +493,27 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def save_like(
-    array: np.ndarray,
-    reference: nib.Nifti1Image,
-    path: str | os.PathLike,
-    dtype: Any,
-    affine: np.ndarray | None = None,
-) -> None:
-    """Save ``array`` atomically in the geometry of ``reference``: its header, qform and sform with their codes.
+def header_with_affine(reference: nib.Nifti1Image, affine: np.ndarray, shape: Sequence[int]) -> nib.Nifti1Header:
+    """The reference's header for another grid: ``shape`` and ``affine`` (e.g. one slice cut from a stack), written
+    as qform and sform with the reference's codes (``1``, scanner, where the reference had none).
 
-    Args:
-        array: voxels, the reference's shape (first 3 dimensions).
-        reference: the image whose header supplies the geometry.
-        path: output file (``.nii.gz``).
-        dtype: stored data type (``int16`` HU, ``uint8`` labels, ``float32``); no intensity scaling is stored.
-        affine: a different voxel-to-world affine (e.g. one slice cut from a stack), written as qform and sform with
-            the reference's codes (``1``, scanner, where the reference had none).
+    Pass it as the ``reference`` of :func:`covid_monai.io.save_nifti_like`.
 
     Example:
-        >>> save_like(labels.astype(np.uint8), image, "out/labels/case.nii.gz", np.uint8)
+        >>> save_nifti_like(label, "out/labels/slice_001.nii.gz", reference=header_with_affine(stack, a, label.shape))
     """
-    array = np.asarray(array)
     header = reference.header.copy()
-    header.set_data_dtype(dtype)
-    header.set_data_shape(array.shape)
-    if affine is not None:
-        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
-        if qcode == 0 and scode == 0:
-            qcode = scode = 1
-        header.set_qform(affine, qcode if qcode else None)
-        if qcode == 0:
-            header["qform_code"] = 0
-        header.set_sform(affine, scode if scode else None)
-        if scode == 0:
-            header["sform_code"] = 0
-    image = nib.Nifti1Image(array.astype(dtype, copy=False), header.get_best_affine(), header)
-    image.header.set_slope_inter(1.0, 0.0)
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
+    header.set_data_shape(tuple(int(s) for s in shape))
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode == 0 and scode == 0:
+        qcode = scode = 1
+    header.set_qform(affine, qcode if qcode else None)
+    if qcode == 0:
+        header["qform_code"] = 0
+    header.set_sform(affine, scode if scode else None)
+    if scode == 0:
+        header["sform_code"] = 0
+    return header
 
 
 def hu_dtype(array: np.ndarray) -> Any:
@@ -862,19 +845,6 @@ def setup_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-
-
-def check_output_folder(out: Path, inputs: Sequence[str | os.PathLike]) -> None:
-    """Refuse an output folder that is, or lies inside, an input folder (inputs are never written to).
-
-    Raises:
-        DatasetError: naming both folders.
-    """
-    target = out.resolve()
-    for folder in inputs:
-        path = Path(folder).resolve()
-        if path.is_dir() and (target == path or target.is_relative_to(path)):
-            raise DatasetError(f"--out {out}: inside the input folder {folder}; choose another output folder")
 
 
 def _shape(entry: Mapping[str, Any]) -> str:

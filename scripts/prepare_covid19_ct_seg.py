@@ -64,6 +64,7 @@ from scipy import ndimage
 if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from covid_monai.io import check_output_folder, save_nifti_like  # noqa: E402
 from scripts.datasets import (  # noqa: E402
     CASE_COLUMNS,
     DatasetError,
@@ -72,7 +73,6 @@ from scripts.datasets import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
     cases_section,
-    check_output_folder,
     extract_zip,
     find_nifti,
     is_windowed,
@@ -85,7 +85,6 @@ from scripts.datasets import (  # noqa: E402
     read_array,
     read_mask,
     run_cases,
-    save_like,
     setup_logging,
     source_location,
     spacing_of,
@@ -214,11 +213,11 @@ def prepare_case(
     lungs = read_mask(lung_path, image, "lung mask") if lung_path else None
     hu = window_to_hu(data) if windowed else np.rint(data).astype(np.int16)
     del data
-    save_like(hu, image, out / "images" / f"{case}.nii.gz", np.int16)
+    save_nifti_like(hu, out / "images" / f"{case}.nii.gz", reference=image, dtype=np.int16)
     entry["hu_range"] = [int(hu.min()), int(hu.max())]
     del hu
     infection = (labels > 0).astype(np.uint8)
-    save_like(infection, image, out / "labels" / f"{case}.nii.gz", np.uint8)
+    save_nifti_like(infection, out / "labels" / f"{case}.nii.gz", reference=image, dtype=np.uint8)
     voxel_ml = float(np.prod(spacing_of(image))) / 1000.0
     entry["infection_voxels"] = int(infection.sum())
     entry["infection_ml"] = round(entry["infection_voxels"] * voxel_ml, 2)
@@ -226,7 +225,7 @@ def prepare_case(
         values = sorted(int(v) for v in np.unique(lungs))
         if not set(values) <= {0, 1, 2}:
             log.warning("%s: lung mask values %s, expected 0, 1 (left), 2 (right)", lung_path, values)
-        save_like(lungs, image, out / "lungs" / f"{case}.nii.gz", np.uint8)
+        save_nifti_like(lungs, out / "lungs" / f"{case}.nii.gz", reference=image, dtype=np.uint8)
         entry["lung_ml"] = round(float(np.count_nonzero(lungs)) * voxel_ml, 1)
         entry["lung_label_1_side"] = _lung_side(lungs, image.affine)
         if entry["lung_label_1_side"] == "right":
@@ -304,7 +303,7 @@ def prepare(
     checksums = dict(checksums or {})
     location = source_location(source)
     if isinstance(location, Path):
-        check_output_folder(out, [location])
+        check_output_folder(out, [location], error=DatasetError, hint="choose another output folder")
     downloads = Path(downloads) if downloads else out / "downloads"
     folders = {}
     for key in ("images", "infection", "lungs"):

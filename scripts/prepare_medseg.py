@@ -46,6 +46,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from covid_monai.io import check_output_folder, save_nifti_like  # noqa: E402
 from scripts.datasets import (  # noqa: E402
     CASE_COLUMNS,
     DatasetError,
@@ -54,9 +55,9 @@ from scripts.datasets import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
     cases_section,
-    check_output_folder,
     extract_zip,
     find_nifti,
+    header_with_affine,
     hu_dtype,
     is_windowed,
     load_nifti,
@@ -66,7 +67,6 @@ from scripts.datasets import (  # noqa: E402
     read_array,
     read_mask,
     run_cases,
-    save_like,
     setup_logging,
     source_location,
     spacing_of,
@@ -102,10 +102,11 @@ def _write(
     if is_windowed(data):
         log.warning("%s: values within 0..255, not HU; written as they are", case)
     dtype = hu_dtype(data)
-    save_like(data, reference, out / "images" / f"{case}.nii.gz", dtype, affine)
+    grid = reference if affine is None else header_with_affine(reference, affine, data.shape)
+    save_nifti_like(data, out / "images" / f"{case}.nii.gz", reference=grid, dtype=dtype)
     label = np.isin(classes, INFECTION_CLASSES).astype(np.uint8)
-    save_like(label, reference, out / "labels" / f"{case}.nii.gz", np.uint8, affine)
-    save_like(classes, reference, out / "classes" / f"{case}.nii.gz", np.uint8, affine)
+    save_nifti_like(label, out / "labels" / f"{case}.nii.gz", reference=grid, dtype=np.uint8)
+    save_nifti_like(classes, out / "classes" / f"{case}.nii.gz", reference=grid, dtype=np.uint8)
     return {
         "shape": [int(s) for s in data.shape],
         "spacing": spacing_of(reference),
@@ -235,7 +236,7 @@ def prepare(
     checksums = dict(checksums or {})
     location = source_location(source)
     if isinstance(location, Path):
-        check_output_folder(out, [location])
+        check_output_folder(out, [location], error=DatasetError, hint="choose another output folder")
     downloads = Path(downloads) if downloads else out / "downloads"
     failed: dict[str, str] = {}
     jobs_by_subset = {}

@@ -39,6 +39,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make the `scripts` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from covid_monai.io import check_output_folder, save_nifti_like  # noqa: E402
 from scripts.datasets import (  # noqa: E402
     CASE_COLUMNS,
     DatasetError,
@@ -47,7 +48,6 @@ from scripts.datasets import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
     cases_section,
-    check_output_folder,
     extract_zip,
     find_nifti,
     hu_dtype,
@@ -58,7 +58,6 @@ from scripts.datasets import (  # noqa: E402
     read_array,
     read_mask,
     run_cases,
-    save_like,
     setup_logging,
     source_location,
     spacing_of,
@@ -146,9 +145,9 @@ def prepare_case(case: str, image_path: Path, mask_path: Path, out: Path) -> dic
     if not set(values) <= {0, 1}:
         log.warning("%s: mask values %s, expected 0/1; every non-zero value counts as infection", mask_path, values)
     dtype = hu_dtype(data)
-    save_like(data, image, out / "images" / f"{case}.nii.gz", dtype)
+    save_nifti_like(data, out / "images" / f"{case}.nii.gz", reference=image, dtype=dtype)
     label = (mask > 0).astype(np.uint8)
-    save_like(label, image, out / "labels" / f"{case}.nii.gz", np.uint8)
+    save_nifti_like(label, out / "labels" / f"{case}.nii.gz", reference=image, dtype=np.uint8)
     voxel_ml = float(np.prod(spacing_of(image))) / 1000.0
     return {
         "image_source": str(image_path.parent.name + "/" + image_path.name),
@@ -192,7 +191,7 @@ def prepare(
     out = Path(out)
     location = source_location(source)
     if isinstance(location, Path):
-        check_output_folder(out, [location])
+        check_output_folder(out, [location], error=DatasetError, hint="choose another output folder")
     if isinstance(location, Path) and (location / "masks").is_dir():
         root = location
     else:

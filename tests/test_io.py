@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Engine
 
 from covid_monai.handlers import LatestCheckpointSaver, ResumeCheckpointLoader, atomic_torch_save
-from covid_monai.io import atomic_path, atomic_write_text, nifti_stem, save_nifti_like
+from covid_monai.io import atomic_path, atomic_write_text, check_output_folder, nifti_stem, save_nifti_like
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
@@ -36,6 +36,50 @@ def test_save_nifti_like_without_reference_sets_both_forms(tmp_path):
     np.testing.assert_allclose(image.get_qform(), affine)
     np.testing.assert_allclose(image.get_sform(), affine)
     assert nifti_stem(tmp_path / "m.nii.gz") == "m" and nifti_stem("x.NII") == "x"
+
+
+def test_save_nifti_like_reference_file_image_or_header_give_the_same_file(tmp_path):
+    """A reference as a file name, a loaded image or its header: the same header, qform and sform codes kept."""
+    affine = np.array([[0, 0, -2.5, 10], [0.7, 0, 0, -5], [0, -0.7, 0, 3], [0, 0, 0, 1.0]])
+    source = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), affine)
+    source.set_qform(affine, code=1)
+    source.set_sform(affine, code=2)
+    source.header["cal_max"] = 1500
+    nib.save(source, str(tmp_path / "scan.nii.gz"))
+    loaded = nib.load(str(tmp_path / "scan.nii.gz"))
+    mask = np.arange(120).reshape(6, 5, 4) % 3
+    written = []
+    for name, reference in (("file", tmp_path / "scan.nii.gz"), ("image", loaded), ("header", loaded.header)):
+        save_nifti_like(mask, tmp_path / f"{name}.nii.gz", reference=reference)
+        written.append(nib.load(str(tmp_path / f"{name}.nii.gz")))
+    for image in written:
+        assert image.header.binaryblock == written[0].header.binaryblock
+        assert (int(image.header["qform_code"]), int(image.header["sform_code"])) == (1, 2)
+        assert image.get_data_dtype() == np.uint8 and float(image.header["cal_max"]) == 0.0
+        np.testing.assert_array_equal(np.asanyarray(image.dataobj), mask)
+    with pytest.raises(ValueError, match="does not match the input"):
+        save_nifti_like(mask[:, :, :2], tmp_path / "bad.nii.gz", reference=loaded)
+    with pytest.raises(ValueError, match="no reference and no affine"):
+        save_nifti_like(mask, tmp_path / "bad.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.nii.gz", "header.nii.gz", "image.nii.gz", "scan.nii.gz"]
+
+
+def test_check_output_folder_refuses_an_input_folder(tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes(b"")
+    for out, inputs in ((scans, [scans]), (scans / "masks", [scans]), (scans, [scans / "a.nii.gz"])):
+        with pytest.raises(ValueError, match="inside the input folder .*; choose another or pass --force"):
+            check_output_folder(out, inputs)
+        check_output_folder(out, inputs, force=True)
+    check_output_folder(scans / "masks", [scans / "a.nii.gz"])  # beside a file is not in an input folder
+    check_output_folder(tmp_path / "elsewhere", [scans])
+
+    class Refused(RuntimeError):
+        pass
+
+    with pytest.raises(Refused, match="choose another output folder$"):
+        check_output_folder(scans / "x", [scans], error=Refused, hint="choose another output folder")
 
 
 def _engine(max_epochs: int) -> Engine:

@@ -293,11 +293,12 @@ def test_save_nifti_is_atomic(tmp_path, monkeypatch):
     first = np.arange(64, dtype=np.uint8).reshape(4, 4, 4)
     save_nifti(first, np.eye(4), target)
 
-    def broken(self, file_map, *args, **kwargs):
-        file_map["image"].fileobj.write(b"partial")
+    def broken(image, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib.Nifti1Image, "to_file_map", broken)
+    monkeypatch.setattr(nib, "save", broken)
     with pytest.raises(OSError, match="disk full"):
         save_nifti(np.zeros((4, 4, 4), np.uint8), np.eye(4), target)
     monkeypatch.undo()
