@@ -28,6 +28,8 @@ def machine_info() -> dict[str, Any]:
     """Host, CPU, cores, memory, torch threads, bf16 support and package versions (no GPU probing)."""
     import torch
 
+    from covid_monai._private_api import cpu_bf16_features
+
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -38,10 +40,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_bf16": {
-            "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
-            "amx_tile": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
-        },
+        "cpu_bf16": cpu_bf16_features(),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
     }
     for package in ("monai", "nibabel", "numpy", "scipy"):

@@ -29,6 +29,7 @@ from monai.transforms import MapTransform, Spacingd, SpatialResample
 from monai.utils import ensure_tuple_rep, get_equivalent_dtype
 from scipy import ndimage
 
+from covid_monai._private_api import PendingResampling, pending_resampling, spacing_resample, with_operations
 from covid_monai.parallel import map_slabs
 from covid_monai.transforms import bounding_box
 
@@ -202,41 +203,37 @@ class SeparableSpacingd(Spacingd):
         for key, mode, padding, align, dtype in self.key_iterator(
             d, self.mode, self.padding_mode, self.align_corners, self.dtype
         ):
-            image = d[key]
-            if not (isinstance(image, MetaTensor) and image.has_pending_operations):
+            pending = pending_resampling(d[key])
+            if pending is None:
                 continue
-            resampled = self._separable(image, str(mode), str(padding), dtype)
+            resampled = self._separable(d[key], pending, str(mode), str(padding), dtype)
             if resampled is None:  # MONAI's own resampling (and its shortcut for a near-identical grid)
-                resampled = self.spacing_transform(
-                    data_array=data[key], mode=mode, padding_mode=padding, align_corners=align, dtype=dtype,
-                    scale_extent=self.scale_extent, lazy=False,
+                resampled = spacing_resample(
+                    self, data[key], mode=mode, padding_mode=padding, align_corners=align, dtype=dtype,
+                    scale_extent=self.scale_extent,
                 )
             d[key] = resampled
         return d
 
-    def _separable(self, image: MetaTensor, mode: str, padding: str, dtype: Any) -> MetaTensor | None:
+    def _separable(
+        self, image: MetaTensor, pending: PendingResampling, mode: str, padding: str, dtype: Any
+    ) -> MetaTensor | None:
         """The pending resampling done by separable gathers, or ``None`` where MONAI must do it."""
-        pending = image.pending_operations
         source_affine = np.asarray(image.affine, dtype=np.float64)
-        target_affine = np.asarray(image.peek_pending_affine(), dtype=np.float64)
-        shape = tuple(int(s) for s in image.peek_pending_shape())
+        target_affine, shape = pending.affine, pending.shape
         matrix = np.linalg.solve(source_affine, target_affine)
         float32 = get_equivalent_dtype(dtype, torch.Tensor) == torch.float32
         near_identity = shape == tuple(image.shape[1:]) and (  # eager Spacingd keeps such a scan as it is
             np.allclose(source_affine, target_affine, atol=AFFINE_TOL)
             or np.allclose(matrix, np.eye(4), atol=AFFINE_TOL)
         )
-        if len(pending) != 1 or mode != "bilinear" or padding != "border" or not float32 or near_identity:
+        if len(pending.operations) != 1 or mode != "bilinear" or padding != "border" or not float32 or near_identity:
             return None
         array = image.detach().cpu().numpy().astype(np.float32, copy=False)
         out = resample_in_slabs(array, matrix, shape, "linear", padding, self.slab)
         if out is None:
             return None
-        result = _on_grid(out, target_affine, image)
-        result.applied_operations = [*image.applied_operations]
-        for operation in pending:
-            result.push_applied_operation(operation)
-        return result
+        return with_operations(_on_grid(out, target_affine, image), image, pending.operations)
 
 
 class RecordSourceGridd(MapTransform):

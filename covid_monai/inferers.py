@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from monai.inferers import Inferer, SimpleInferer
 
+from covid_monai._private_api import cpu_bf16_features
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -27,7 +29,7 @@ __all__ = [
 
 def cpu_bf16_supported() -> bool:
     """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX tiles)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return any(cpu_bf16_features().values())
 
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:

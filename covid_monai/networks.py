@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from monai.networks.nets import BasicUNet
-from monai.networks.nets.basic_unet import UpCat
+
+from covid_monai._private_api import skip_upcat_padding
 
 __all__ = ["LABEL_SCHEMES", "DeepSupervisedUNet", "is_multiclass", "load_initial_weights", "seed_unet", "unet_features"]
 
@@ -161,9 +162,7 @@ def seed_unet(
     )
     # Every pipeline feeds sizes divisible by 16, so the decoder's size-matching pad is a no-op copy that also
     # drops the channels-last layout (30 % of the CPU inference time); skip it and check the input size instead.
-    for module in network.modules():
-        if isinstance(module, UpCat):
-            module.is_pad = False
+    skip_upcat_padding(network)
     network.register_forward_pre_hook(_check_divisible_by_16)
     return network
 

@@ -1,0 +1,113 @@
+"""Every use of a dependency's private or internal API, in one place.
+
+Each function wraps one such use; ``tests/test_private_api.py`` checks that the pinned versions still behave as
+relied on here (and names the versions they were checked against), so an upgrade that changes one fails there, loudly,
+rather than somewhere in a pipeline:
+
+* PyTorch: ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` (:func:`cpu_bf16_features`);
+* MONAI ``UpCat.is_pad``, the decoder's size-matching pad (:func:`skip_upcat_padding`);
+* MONAI lazy resampling: a MetaTensor's pending operations and ``Spacingd.spacing_transform``
+  (:func:`pending_resampling`, :func:`with_operations`, :func:`spacing_resample`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.networks.nets.basic_unet import UpCat
+from monai.transforms import Spacingd
+
+__all__ = [
+    "CHECKED_VERSIONS",
+    "PendingResampling",
+    "cpu_bf16_features",
+    "pending_resampling",
+    "skip_upcat_padding",
+    "spacing_resample",
+    "with_operations",
+]
+
+CHECKED_VERSIONS = {"torch": "2.13.0", "monai": "1.6.1"}
+"""The releases whose internals this module was checked against (``requirements.txt`` pins them)."""
+
+
+def cpu_bf16_features() -> dict[str, bool]:
+    """Whether this CPU has AVX-512 BF16 and AMX tiles (native bf16 arithmetic), from PyTorch's private probes.
+
+    Example:
+        >>> sorted(cpu_bf16_features())
+        ['amx_tile', 'avx512_bf16']
+    """
+    return {
+        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx_tile": bool(torch.cpu._is_amx_tile_supported()),
+    }
+
+
+def skip_upcat_padding(network: torch.nn.Module) -> torch.nn.Module:
+    """Switch off the size-matching pad of every MONAI ``UpCat`` decoder block in ``network`` (in place).
+
+    With inputs whose size divides by the poolings the pad is a no-op copy that also drops the channels-last layout
+    (30 % of the CPU inference time); the caller must then check the input size itself.
+
+    Returns:
+        ``network``.
+    """
+    for module in network.modules():
+        if isinstance(module, UpCat):
+            module.is_pad = False
+    return network
+
+
+class PendingResampling(NamedTuple):
+    """A lazily applied MONAI resampling not yet carried out on a MetaTensor."""
+
+    operations: list[Mapping[str, Any]]
+    """The pending operations, as MONAI recorded them."""
+    affine: np.ndarray
+    """The voxel-to-world affine of the output grid (float64)."""
+    shape: tuple[int, ...]
+    """The output's spatial shape."""
+
+
+def pending_resampling(image: Any) -> PendingResampling | None:
+    """The resampling a lazy MONAI transform left pending on ``image``, or ``None`` when there is none.
+
+    Example:
+        >>> pending = pending_resampling(Spacingd("image", (2, 2, 2))({"image": image}, lazy=True)["image"])
+    """
+    if not (isinstance(image, MetaTensor) and image.has_pending_operations):
+        return None
+    return PendingResampling(
+        list(image.pending_operations),
+        np.asarray(image.peek_pending_affine(), dtype=np.float64),
+        tuple(int(s) for s in image.peek_pending_shape()),
+    )
+
+
+def with_operations(result: MetaTensor, image: MetaTensor, operations: Sequence[Mapping[str, Any]]) -> MetaTensor:
+    """``result`` with the applied operations of ``image`` and then ``operations`` (the pending ones it carried out),
+    so that MONAI's inverse transforms see the same history as after MONAI's own resampling.
+
+    Returns:
+        ``result``.
+    """
+    result.applied_operations = [*image.applied_operations]
+    for operation in operations:
+        result.push_applied_operation(operation)
+    return result
+
+
+def spacing_resample(transform: Spacingd, data_array: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Resample one array now, eagerly, with the ``Spacing`` inside a ``Spacingd`` (its per-key arguments given).
+
+    Args:
+        transform: the dictionary transform.
+        data_array: the image before the transform.
+        kwargs: ``mode``, ``padding_mode``, ``align_corners``, ``dtype``, ``scale_extent`` for this key.
+    """
+    return transform.spacing_transform(data_array=data_array, lazy=False, **kwargs)
