@@ -316,7 +316,7 @@ def evaluate_folders(
         pred, label = np.asanyarray(pred_img.dataobj), np.asanyarray(label_img.dataobj)
         if not multiclass:
             pred, label = pred > 0, label > 0
-        spacing = np.sqrt((label_img.affine[:3, :3] ** 2).sum(axis=0))[: label.ndim]
+        spacing = affine_to_spacing(label_img.affine, suppress_zeros=False)[: label.ndim]
         rows.append({"case": case, **compute_case_metrics(pred, label, spacing, CLASS_LABELS if multiclass else None)})
 
     summary = _summarise(rows)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.data.utils import affine_to_spacing
 
 from covid_monai.io import atomic_path
 
@@ -250,7 +251,7 @@ class CaseMetricsSaver:
         for item in engine.state.output:
             pred, label = item[self.pred_key], item[self.label_key]
             affine = np.asarray(getattr(pred, "affine", np.eye(4)), dtype=np.float64)
-            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+            spacing = affine_to_spacing(affine, suppress_zeros=False)
             source = getattr(pred, "meta", {}).get("filename_or_obj", f"case_{len(self.rows):04d}")
             pred_array, label_array = np.asarray(pred), np.asarray(label)
             if self.multiclass and pred_array.shape[0] > 1:  # one-hot channels back to label maps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from monai.data.utils import affine_to_spacing
 from nibabel.orientations import apply_orientation, io_orientation
 
 from covid_monai.io import atomic_path
@@ -55,7 +56,7 @@ def slicer_color_tables(multiclass: bool = False) -> dict[str, str]:
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder a volume to RAS array axes; returns it with its voxel sizes along those axes."""
     ornt = io_orientation(affine)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    spacing = affine_to_spacing(np.asarray(affine), suppress_zeros=False)
     return apply_orientation(array, ornt), spacing[ornt[:, 0].astype(int)]
 
 

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from monai.data.utils import affine_to_spacing
 from monai.transforms.utils import get_largest_connected_component_mask
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage
@@ -306,6 +307,18 @@ def test_body_mask_keeps_the_largest_component_as_scipy_finds_it():
         np.testing.assert_array_equal(get_largest_connected_component_mask(mask, connectivity=1), expected)
         checked += 1
     assert checked > 20
+
+
+def test_affine_to_spacing_is_the_norm_of_each_column():
+    """MONAI's affine_to_spacing (zeros kept) gives exactly the column norms the spacing was computed as before."""
+    rng = np.random.default_rng(1)
+    for k in range(20):
+        affine = np.eye(4)
+        affine[:3] = rng.normal(scale=2.0, size=(3, 4))
+        if k % 5 == 0:
+            affine[:3, k % 3] = 0.0  # a degenerate axis stays 0 (the lung mask then uses a step of 1)
+        expected = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        np.testing.assert_array_equal(affine_to_spacing(affine, suppress_zeros=False), expected)
 
 
 def test_enclosed_air_is_lungs_and_gas_never_outside_air(chest):
