@@ -200,8 +200,8 @@ class SeparableSpacingd(Spacingd):
     def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, Any]:
         """Resample each key to the grid ``Spacingd`` chooses."""
         d = super().__call__(data, lazy=True)
-        for key, mode, padding, align, dtype in self.key_iterator(
-            d, self.mode, self.padding_mode, self.align_corners, self.dtype
+        for key, mode, padding, align, dtype, scale_extent in self.key_iterator(
+            d, self.mode, self.padding_mode, self.align_corners, self.dtype, self.scale_extent
         ):
             pending = pending_resampling(d[key])
             if pending is None:
@@ -210,7 +210,7 @@ class SeparableSpacingd(Spacingd):
             if resampled is None:  # MONAI's own resampling (and its shortcut for a near-identical grid)
                 resampled = spacing_resample(
                     self, data[key], mode=mode, padding_mode=padding, align_corners=align, dtype=dtype,
-                    scale_extent=self.scale_extent,
+                    scale_extent=scale_extent,
                 )
             d[key] = resampled
         return d

@@ -195,6 +195,21 @@ def test_separable_spacing_equals_spacingd(spacing, pixdim):
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=2e-3)
 
 
+@pytest.mark.parametrize(("mode", "dtype"), [("nearest", torch.float32), ("bilinear", torch.float64)])
+def test_separable_spacing_falls_back_to_spacingd_itself(mode, dtype):
+    """Where the gathers do not apply (here nearest, float64), the result is Spacingd's own, voxel for voxel."""
+    from covid_monai.grid import SeparableSpacingd
+
+    image = MetaTensor(torch.rand(1, 40, 36, 12), affine=torch.as_tensor(np.diag([0.7, 0.7, 2.5, 1.0])))
+    ours, theirs = (
+        transform("image", pixdim=(1.3, 1.1, 2.0), mode=mode, dtype=dtype)({"image": image.clone()})["image"]
+        for transform in (SeparableSpacingd, Spacingd)
+    )
+    assert ours.shape == theirs.shape and not ours.has_pending_operations
+    np.testing.assert_array_equal(ours.affine.numpy(), theirs.affine.numpy())
+    np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+
+
 class _GridInWorker(torch.utils.data.Dataset):
     """Records the grid of a MetaTensor inside a DataLoader worker, as the batch runner's pre-processing does."""
 
