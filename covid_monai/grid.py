@@ -240,7 +240,7 @@ class RecordSourceGridd(MapTransform):
     """Remember the scan's voxel grid (affine and spatial shape) under ``name`` before any resampling.
 
     Args:
-        keys: the image key (one).
+        keys: the image key (one), a channel-first MetaTensor.
         name: the key that receives ``{"affine": 4x4 float64, "shape": (X, Y, Z)}``.
     """
 
@@ -251,12 +251,14 @@ class RecordSourceGridd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Add the grid of the first key's image to the data."""
         d = dict(data)
-        image = d[self.first_key(d)]
-        affine = image.affine if isinstance(image, MetaTensor) else d[f"{self.first_key(d)}_meta_dict"]["affine"]
+        key = self.first_key(d)
+        image = d[key]
+        if not isinstance(image, MetaTensor):
+            raise ValueError(f"RecordSourceGridd needs a MetaTensor '{key}' (its affine), got {type(image).__name__}.")
         # a copy, never a view of the affine tensor: a DataLoader worker moves every tensor it sends into shared
         # memory (``share_memory_`` frees the old buffer), so a view would be pickled from freed memory
         d[self.name] = {
-            "affine": torch.as_tensor(affine).detach().cpu().numpy().astype(np.float64, copy=True),
+            "affine": image.affine.detach().cpu().numpy().astype(np.float64, copy=True),
             "shape": tuple(int(s) for s in image.shape[1:]),
         }
         return d

@@ -232,3 +232,8 @@ def test_recorded_grid_survives_a_dataloader_worker():
     for item in loader:
         np.testing.assert_array_equal(np.asarray(item["source_grid"]["affine"]), _GridInWorker.affine)
         np.testing.assert_array_equal(item["image"].affine.numpy(), _GridInWorker.affine)
+
+
+def test_recorded_grid_needs_a_metatensor():
+    with pytest.raises(ValueError, match="needs a MetaTensor 'image'"):
+        RecordSourceGridd("image")({"image": torch.zeros(1, 4, 4, 2), "image_meta_dict": {"affine": np.eye(4)}})
