@@ -37,7 +37,6 @@ __all__ = [
     "is_nifti",
     "is_zip",
     "list_dicom_folder",
-    "list_dicom_series",
     "list_dicom_zip",
     "nifti_stem",
     "quiet_pydicom",
@@ -464,19 +463,6 @@ def list_dicom_folder(folder: str | os.PathLike, names: Iterable[str] | None = N
 
 def _basename(name: str) -> str:
     return Path(name).name
-
-
-def list_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str], str]]:
-    """The DICOM series to segment directly inside ``folder`` (see :func:`list_dicom_folder`).
-
-    Args:
-        folder: a folder that may hold DICOM files.
-
-    Returns:
-        ``[(series_uid, sorted_file_paths, label)]`` where ``label`` is the series description or number (for
-        naming cases when a folder holds several series); empty when there is no DICOM series.
-    """
-    return [(s.uid, s.files, s.label) for s in list_dicom_folder(folder).volumes]
 
 
 def is_zip(path: str | os.PathLike) -> bool:

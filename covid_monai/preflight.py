@@ -50,7 +50,7 @@ def check_scan(
     Args:
         source: the NIfTI file or the DICOM folder.
         kind: ``"nifti"`` or ``"dicom"``.
-        files: the DICOM files of the series (``None``: the folder's first series).
+        files: the DICOM files of the series (found by :func:`covid_monai.io.list_dicom_folder`).
         max_voxels: largest volume accepted.
         unreadable: ``(file, reason)`` of unreadable files beside a DICOM series (named if slices are missing).
 
@@ -66,13 +66,8 @@ def check_scan(
     """
     if kind == "nifti":
         return check_nifti(source, max_voxels)
-    if files is None:
-        from covid_monai.io import list_dicom_series
-
-        series = list_dicom_series(source)
-        if not series:
-            raise ValueError(f"{source}: no DICOM images in the folder")
-        files = series[0][1]
+    if not files:
+        raise ValueError(f"{source}: no DICOM files given for the series")
     return check_dicom_series(source, files, max_voxels, unreadable)
 
 
