@@ -35,8 +35,6 @@ __all__ = [
 TEMPLATE_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "covid19_ct_infection"
 """The bundle template shipped with the project (configs and docs, no weights)."""
 
-CONFIG_NAMES = ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "multi_gpu_evaluate.json")
-
 _MULTICLASS_CLASSES = "single channel: 0 background, 1 ground-glass opacity, 2 consolidation"
 _MULTICLASS_OUTPUT = {
     "num_channels": 3,
