@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data.utils import affine_to_spacing
 from monai.utils import set_determinism
 
 from covid_monai.bundle import load_config, resolve_device
@@ -28,6 +29,7 @@ from covid_monai.inferers import autocast_dtype, freeze_for_cpu_inference
 from covid_monai.io import (
     DicomListing,
     atomic_write_text,
+    check_output_folder,
     extract_zip_members,
     is_nifti,
     is_zip,
@@ -456,7 +458,7 @@ class BatchSegmenter:
             notes += self._write_segmentations(case, mask, affine, paths)
             save_nifti_like(mask, paths["infection"], affine, reference)  # last: its presence marks a done case
             result.shape = "x".join(str(s) for s in mask.shape)
-            result.spacing = "x".join(f"{s:.4g}" for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+            result.spacing = "x".join(f"{s:.4g}" for s in affine_to_spacing(affine, suppress_zeros=False))
             numbers = self._quantify(case, data, mask, affine, lungs, notes)
             result.warnings = "; ".join(notes)
             _fill_numbers(result, numbers)
@@ -574,23 +576,6 @@ def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: checkpoint holds {type(state).__name__}, not a state dict")
     return dict(state)
-
-
-def check_output_folder(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], force: bool = False) -> None:
-    """Refuse an output folder that is an input folder or lies inside one (unless ``force``).
-
-    Raises:
-        ValueError: naming the input folder the output would write into.
-    """
-    out = Path(out_dir).resolve()
-    for raw in inputs:
-        path = Path(raw).resolve()
-        folder = path if path.is_dir() else path.parent
-        if not force and (out == folder or folder in out.parents):
-            if path.is_dir() or out == folder:
-                raise ValueError(
-                    f"output folder {out_dir} is inside the input folder {folder}; choose another or pass --force"
-                )
 
 
 def run_batch(
