@@ -256,11 +256,11 @@ def find_lungs(
 
     Args:
         work: the CT in HU, axial axis last.
-        labels: the enclosed air components of :func:`enclosed_air` and ``n``, their number.
-        n: number of components.
-        body: the coarse body mask of :func:`body_mask` and ``steps``, its in-plane steps.
-        steps: in-plane steps of the body grid.
-        min_voxels: the smallest lung, in voxels.
+        labels: the enclosed air components of :func:`enclosed_air`.
+        n: their number.
+        body: the coarse body mask of :func:`body_mask`.
+        steps: the in-plane steps of the body's grid.
+        min_voxels: the smallest lung, in voxels (``min_lung_ml`` over the voxel volume).
 
     Returns:
         The lungs, largest first.

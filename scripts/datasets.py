@@ -48,7 +48,7 @@ from urllib.request import Request, url2pathname, urlopen
 import nibabel as nib
 import numpy as np
 
-from covid_monai.io import atomic_path, atomic_write_text, nifti_stem  # noqa: F401 - re-exported for the scripts
+from covid_monai.io import NIFTI_SUFFIXES, atomic_path, atomic_write_text, nifti_stem  # noqa: F401 - re-exported
 
 __all__ = [
     "ChecksumError",
@@ -80,7 +80,6 @@ __all__ = [
 
 log = logging.getLogger("covid_monai.scripts")
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SEED_FRACTIONS = (0.7, 0.2, 0.1)  # the seed study's train / validation / test split
 _DIGEST_LENGTHS = {"md5": 32, "sha256": 64}
 
