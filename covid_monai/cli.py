@@ -118,7 +118,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="phantoms → short training → batch inference → masks, metrics and a report")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
     p.add_argument("--n-train", type=int, default=12, help="training phantoms (default 12)")
-    p.add_argument("--n-test", type=int, default=4, help="held-out phantoms (default 4)")
+    p.add_argument("--n-test", type=int, default=8, help="held-out phantoms of the training part (default 8)")
+    p.add_argument(
+        "--n-disjoint", type=int, default=8, help="phantoms of the part it never trains on (default 8; 0 skips)"
+    )
     p.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -233,7 +236,7 @@ def _cmd_demo(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     from covid_monai.demo import run_demo
 
     run_demo(args.out, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, device=args.device,
-             seed=args.seed, knobs=extra)
+             seed=args.seed, knobs=extra, n_disjoint=args.n_disjoint)
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from covid_monai.demo import DISJOINT_PART, TRAINING_PART
 from covid_monai.phantom import DEFAULT_SPEC, LESION_KINDS, MULTICLASS, TISSUE, Phantom, PhantomSpec, make_phantom
 
 YELLOW, RED = (255, 220, 0), (255, 40, 40)
@@ -108,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     both.paste(pictures[1], (0, pictures[0].height + 4))
     both.save(args.out / "not_infection.png", optimize=True)
     print(f"{args.out}/not_infection.png: slices {upper} and {basal}")
-    for seed in () if args.no_demo else (0, 1, 2):  # what the demo trains on: the whole space at the demo's size
-        ph = make_phantom((128, 128, 48), seed=seed)
-        axial_picture(ph, zoom=3).save(args.out / f"demo_{seed}.png", optimize=True)
-        print(f"{args.out}/demo_{seed}.png: {[les.kind for les in ph.lesions]}, {ph.scanner}")
+    parts = {"train": TRAINING_PART, "disjoint": DISJOINT_PART}
+    for seed in () if args.no_demo else (0, 1, 2):  # the demo's two parts at the demo's size
+        for part, part_spec in parts.items():
+            ph = make_phantom((128, 128, 48), seed=seed, spec=part_spec)
+            axial_picture(ph, zoom=3).save(args.out / f"demo_{part}_{seed}.png", optimize=True)
+            kinds = [les.kind for les in ph.lesions]
+            print(f"{args.out}/demo_{part}_{seed}.png: {kinds}, kernel {ph.scanner.kernel:.2f}")
 
 
 if __name__ == "__main__":

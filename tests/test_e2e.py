@@ -1,5 +1,6 @@
-"""End to end: phantoms → short training → batch inference on held-out phantoms → Dice well above chance, and the
-speed optimisations (bf16 autocast, lung crop) keep that Dice."""
+"""End to end: phantoms → short training on one part of the phantom space → batch inference on held-out phantoms of
+that part and on phantoms of a disjoint part (lesion kinds and kernels never trained on) → Dice well above chance on
+both, and the speed optimisations (bf16 autocast, lung crop) keep that Dice."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     out = tmp_path_factory.mktemp("demo")
-    means = run_demo(out, n_train=8, n_test=2, epochs=35, device="cpu", seed=7, knobs={"val_interval": 5})
+    # the demo's own 12 training phantoms and seed at under half its epochs (with 8 training phantoms of seed 7
+    # instead, training stalls at an all-background mask: docs/experiments.md, 2026-12-02)
+    means = run_demo(out, n_test=2, n_disjoint=2, epochs=60, device="cpu", seed=0, knobs={"val_interval": 10})
     return out, means
 
 
@@ -32,6 +35,9 @@ def test_short_training_beats_chance_on_held_out_phantoms(demo, capsys):
         chance.append(2 * (label & lungs).sum() / (label.sum() + lungs.sum()))
     assert means["dice"] > 0.5
     assert means["dice"] > 4 * max(chance)
+    # the disjoint part: crazy paving and reversed halo on smooth kernels, none of them in training
+    assert means["disjoint_dice"] > 0.5, means
+    assert (out / "disjoint" / "metrics.csv").read_text().count("\n") == 3
     assert (out / "bundle" / "models" / "model.pt").is_file()
     for image_path in sorted((out / "data" / "test" / "images").glob("*.nii.gz")):
         mask = nib.load(str(out / "masks" / image_path.name.replace(".nii.gz", "_infection.nii.gz")))
@@ -55,6 +61,7 @@ FULL_RESOLUTION_POSTPROCESSING = [
     {"_target_": "covid_monai.transforms.RestrictToLungsd", "keys": "pred", "lung_key": "lungs",
      "margin_mm": "@lung_margin_mm", "max_distance_mm": "@lung_reach_mm"},
     {"_target_": "covid_monai.transforms.AddInfectionToLungsd", "keys": "lungs", "infection_key": "pred"},
+    {"_target_": "covid_monai.saving.SaveLikeSourced", "keys": "pred", "output_dir": "@output_dir"},
 ]
 
 
@@ -62,7 +69,7 @@ def test_speed_optimisations_keep_dice(demo, tmp_path):
     """Each optimisation alone and all together stay within 0.005 Dice of the plain fp32 whole-volume path."""
     out, _ = demo
     images, labels, bundle = out / "data" / "test" / "images", out / "data" / "test" / "labels", out / "bundle"
-    plain_knobs = {"amp": False, "crop_to_lungs": False, "postprocessing_transforms": FULL_RESOLUTION_POSTPROCESSING}
+    plain_knobs = {"amp": False, "crop_to_lungs": False, "postprocessing#transforms": FULL_RESOLUTION_POSTPROCESSING}
     plain = _dice(tmp_path / "plain", bundle, images, labels, plain_knobs)
     variants = {
         "bf16 autocast": {**plain_knobs, "amp": True},
