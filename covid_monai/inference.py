@@ -1,7 +1,10 @@
-"""Batch inference over many scans: discovery, the model loaded once, streaming, atomic outputs, a summary.
+"""Batch inference over many scans: discovery, the model loaded once, streaming, a summary.
 
-The pipeline itself (pre-processing, inferer, post-processing) comes from the bundle's ``inference.json`` through
-:mod:`covid_monai.bundle`; this module only feeds it cases, writes what it returns and keeps the books.
+The whole run of a scan comes from the bundle's ``inference.json`` through :mod:`covid_monai.bundle`: the
+pre-processing, the ready network (weights-only checkpoint, precision, frozen on CPUs), the inferer and the
+post-processing, which ends by writing the mask (and the probability map and lungs when asked) like the source,
+atomically. This module finds the cases, feeds them to it, adds the per-case numbers and the extra outputs
+(preview, 3D Slicer and DICOM segmentations), and keeps the books: failures, finished cases, the summary.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from monai.utils import set_determinism
 
 from covid_monai.bundle import load_config, resolve_device
 from covid_monai.errors import one_line
-from covid_monai.inferers import autocast_dtype, freeze_for_cpu_inference
 from covid_monai.io import (
     DicomListing,
     atomic_write_text,
@@ -36,7 +38,6 @@ from covid_monai.io import (
     list_dicom_folder,
     list_dicom_zip,
     nifti_stem,
-    save_nifti_like,
 )
 from covid_monai.lobes import read_lobes
 from covid_monai.preflight import DEFAULT_MAX_VOXELS, check_scan
@@ -253,7 +254,7 @@ class _CaseDataset(torch.utils.data.Dataset):
                         os.symlink(f, os.path.join(series_dir, f"{i:05d}_{Path(f).name}"))
                     source = series_dir
                 notes = case.notes + check_scan(case.source, case.kind, files, self.max_voxels, case.unreadable)
-                data = self.preprocessing({"image": source, "warnings": notes})
+                data = self.preprocessing({"image": source, "name": case.name, "warnings": notes})
             except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
                 message = one_line(exc, limit=600)
                 for extracted_name, member in shown.items():
@@ -305,61 +306,62 @@ class BatchSegmenter:
         self.device = resolve_device(device)
         self.num_workers = num_workers
         self.parser = load_config(self.bundle_dir, ["inference.json"])
+        if "save_probabilities" not in self.parser:
+            raise ValueError(
+                f"{self.bundle_dir}: its inference.json is an older layout (the network and the writing decided in "
+                "Python); re-create the bundle's configs with covid_monai.bundle.create_bundle (the weights stay)"
+            )
         unknown = sorted(k for k in (overrides or {}) if k.split("#")[0] not in self.parser)
         if unknown:
             raise ValueError(f"{self.bundle_dir}: inference.json has no setting {', '.join(unknown)}")
         knobs = {**(overrides or {}), "device": f"$torch.device('{self.device}')"}
-        if "map_probability_back" in self.parser:  # the probability map onto the scan's grid, only to be saved
-            knobs["map_probability_back"] = save_probabilities
-        if "keep_probability" in self.parser:  # bundles made before the probability map was always kept
-            knobs["keep_probability"] = save_probabilities
+        knobs.update(save_probabilities=save_probabilities, save_lungs=save_lungs)
         for key, value in knobs.items():
             self.parser[key] = value
         # a binary mask is split into ground glass and consolidation by the scan's HU on its own grid
-        self.hu_split = not self.multiclass and bool(self._knob("hu_data", True))
+        self.hu_split = not self.multiclass and bool(self.parser.get_parsed_content("expect_hu"))
         self.parser["keep_original"] = save_preview or self.hu_split
         ckpt = Path(self.parser.get_parsed_content("ckpt_path"))
         if not ckpt.is_file():
             raise FileNotFoundError(f"{self.bundle_dir}: no trained weights at {ckpt}")
-        self.network = self.parser.get_parsed_content("network")
-        self.network.load_state_dict(_load_state_dict(ckpt, self.device))
-        self.network.eval()
-        self.autocast_dtype = autocast_dtype(self.device) if self._knob("amp", False) else None
-        if self.device.type == "cpu":  # oneDNN convolutions are faster on NHWC tensors, and with batch norm folded
-            self.network = self.network.to(memory_format=torch.channels_last)
-            self.network = freeze_for_cpu_inference(self.network, self.autocast_dtype)
-        self.preprocessing = self.parser.get_parsed_content("preprocessing")
-        self.inferer = self.parser.get_parsed_content("inferer")
-        from monai.transforms import Compose
-
-        self.postprocessing = Compose(self.parser.get_parsed_content("postprocessing_transforms"))
-        self.max_voxels = int(self._knob("max_voxels", DEFAULT_MAX_VOXELS))
-
-    def _knob(self, name: str, default: Any) -> Any:
-        """A parsed top-level config value, or ``default`` for bundles made before the knob existed."""
-        return self.parser.get_parsed_content(name) if name in self.parser else default
+        self.network = _parsed(self.parser, "network")
+        self.inferer = _parsed(self.parser, "inferer")
+        self.max_voxels = int(self.parser.get_parsed_content("max_voxels"))
 
     @property
     def multiclass(self) -> bool:
         """Whether the bundle is multi-class (``labels: multiclass``): masks hold 1 ground glass, 2 consolidation."""
-        return self._knob("labels", "binary") == "multiclass"
+        return self.parser.get_parsed_content("multiclass")
 
     def predict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Run the network over one pre-processed case and its post-processing (back to the input's space).
+        """Run the bundle's inferer and network over one pre-processed case.
 
         Args:
             data: the output of the bundle's pre-processing for one case.
 
         Returns:
-            ``data`` with ``pred`` (uint8 mask, ``(1, X, Y, Z)`` in the input's voxel grid), and ``lungs`` and
-            ``probability`` when the bundle computes them.
+            ``data`` with ``pred``, the network's output (logits on the network's grid, on the device), ready for the
+            bundle's post-processing (:meth:`transforms`).
         """
-        enabled = self.autocast_dtype is not None
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
-            logits = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)
-        data["pred"] = logits[0].float().cpu()
-        del logits
-        return self.postprocessing(data)  # no reference kept here: the bundle's post-processing may drop the image
+        data["pred"] = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)[0]
+        return data
+
+    def transforms(self, out_dir: str | os.PathLike) -> tuple[Callable, Callable]:
+        """The bundle's pre-processing and post-processing for a run that writes into ``out_dir``.
+
+        Both are built together (a post-processing may invert the pre-processing it refers to); the network is not
+        built again.
+
+        Args:
+            out_dir: where the post-processing writes the mask (and the probability map and lungs when asked).
+
+        Returns:
+            ``(preprocessing, postprocessing)``: the first turns ``{"image": path, "name": case}`` into the network's
+            input; the second turns :meth:`predict`'s output into the uint8 mask ``pred``, ``(1, X, Y, Z)`` in the
+            input's voxel grid (beside ``lungs`` and ``probability`` when the bundle computes them), and saves it.
+        """
+        self.parser["output_dir"] = str(Path(out_dir).resolve())
+        return _parsed(self.parser, "preprocessing"), _parsed(self.parser, "postprocessing")
 
     def run(
         self,
@@ -390,7 +392,7 @@ class BatchSegmenter:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         wanted = ["infection"] + ["probability"] * self.save_probabilities + ["lungs"] * self.save_lungs
-        wanted += ["preview"] * self.save_preview
+        wanted += ["preview"] * self.save_preview + ["seg_nrrd"] * self.save_seg_nrrd
         for name, table in slicer_color_tables(self.multiclass).items():
             if not (out / name).is_file() or (out / name).read_text() != table:
                 atomic_write_text(out / name, table)
@@ -405,9 +407,10 @@ class BatchSegmenter:
                     on_result(results[case.name])
             else:
                 todo.append(case)
+        preprocessing, postprocessing = self.transforms(out)
         set_determinism(seed=0)
         loader = torch.utils.data.DataLoader(
-            _CaseDataset(todo, self.preprocessing, debug, self.max_voxels),
+            _CaseDataset(todo, preprocessing, debug, self.max_voxels),
             batch_size=None,
             shuffle=False,
             num_workers=self.num_workers if len(todo) > 1 else 0,
@@ -422,7 +425,7 @@ class BatchSegmenter:
                 result = CaseResult(case.name, str(case.source), "failed", item["error"])
                 result.extra["trace"] = item.get("trace", "")
             else:
-                result = self._segment_one(case, item["data"], out, debug)
+                result = self._segment_one(case, item["data"], postprocessing, out, debug)
             result = _with_facts(result, case)
             result.seconds = round(time.perf_counter() - start, 3)
             start = time.perf_counter()
@@ -435,28 +438,22 @@ class BatchSegmenter:
         bar.close()
         return [results[c.name] for c in cases]
 
-    def _segment_one(self, case: Case, data: dict[str, Any], out: Path, debug: bool) -> CaseResult:
+    def _segment_one(
+        self, case: Case, data: dict[str, Any], postprocessing: Callable, out: Path, debug: bool
+    ) -> CaseResult:
+        """Segment one case (the bundle's post-processing writes its mask), then the extra outputs and the numbers."""
         result = CaseResult(case.name, str(case.source), "ok")
         try:
-            data = self.predict(data)
+            data = postprocessing(self.predict(data))  # no reference kept here: the post-processing drops the image
             pred = data["pred"]
             affine = np.asarray(pred.affine, dtype=np.float64)
             mask = np.asarray(pred[0]).astype(np.uint8)
             lungs = np.asarray(data["lungs"][0]).astype(np.uint8) if "lungs" in data else None
-            reference = case.source if case.kind == "nifti" else None
             paths = output_paths(out, case.name)
-            if self.save_probabilities and "probability" in data:
-                probability = np.asarray(data["probability"][0], dtype=np.float32)
-                save_nifti_like(probability, paths["probability"], affine, reference, dtype=np.float32)
-            if self.save_lungs and lungs is not None:
-                save_nifti_like(lungs, paths["lungs"], affine, reference)
             notes = list(data.get("warnings", []))
-            if self.save_preview and "original_image" in data:
+            if self.save_preview:
                 save_preview(np.asarray(data["original_image"][0]), mask, affine, paths["preview"])
-            elif self.save_preview:
-                notes.append("no preview: this bundle's inference.json has no keep_original step")
             notes += self._write_segmentations(case, mask, affine, paths)
-            save_nifti_like(mask, paths["infection"], affine, reference)  # last: its presence marks a done case
             result.shape = "x".join(str(s) for s in mask.shape)
             result.spacing = "x".join(f"{s:.4g}" for s in affine_to_spacing(affine, suppress_zeros=False))
             numbers = self._quantify(case, data, mask, affine, lungs, notes)
@@ -473,9 +470,7 @@ class BatchSegmenter:
         notes: list[str],
     ) -> dict[str, Any]:
         """:func:`quantify_case` with the scan's HU (binary masks) and the case's lobes; problems go to ``notes``."""
-        image = np.asarray(data["original_image"][0]) if self.hu_split and "original_image" in data else None
-        if self.hu_split and image is None:
-            notes.append("no ground glass / consolidation split: the bundle's inference.json has no keep_original step")
+        image = np.asarray(data["original_image"][0]) if self.hu_split else None
         lobes = None
         if self.lobes_dir is not None:
             lobes, lobe_notes = read_lobes(self.lobes_dir, case.name, mask.shape, affine)
@@ -565,17 +560,19 @@ def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Model weights from a checkpoint, loaded with ``weights_only=True`` (no code runs from the file)."""
+def _parsed(parser: Any, config_id: str) -> Any:
+    """``parser.get_parsed_content(config_id)``, raising the root cause of a component that failed to build.
+
+    MONAI wraps every error of a config component in "Failed to instantiate component ..."; the cause (no weights,
+    a checkpoint that is not weights-only) is what the user must read.
+    """
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a loadable weights-only checkpoint ({one_line(exc)})") from exc
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: checkpoint holds {type(state).__name__}, not a state dict")
-    return dict(state)
+        return parser.get_parsed_content(config_id)
+    except RuntimeError as exc:
+        cause = exc.__cause__
+        if "Failed to instantiate component" in str(exc) and isinstance(cause, (ValueError, OSError)):
+            raise cause from None
+        raise
 
 
 def run_batch(

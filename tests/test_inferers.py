@@ -1,4 +1,4 @@
-"""The bundle's inferers: CPU bf16 autocast for training, and test-time flips."""
+"""The bundle's inferers: CPU bf16 autocast for training, test-time flips, and the ready inference network."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import pytest
 import torch
 from monai.inferers import SimpleInferer, SliceInferer
 
-from covid_monai.inferers import AutocastInferer, FlipAveragingInferer, autocast_dtype, freeze_for_cpu_inference
+from covid_monai.inferers import (
+    AutocastInferer,
+    FlipAveragingInferer,
+    InferenceModeInferer,
+    autocast_dtype,
+    freeze_for_cpu_inference,
+    load_inference_network,
+)
 from covid_monai.networks import seed_unet
 
 needs_bf16 = pytest.mark.skipif(autocast_dtype("cpu") is None, reason="this CPU has no native bf16")
@@ -73,3 +80,42 @@ def test_frozen_network_matches_eager_at_any_size(dtype):
             expected, got = network(x).float(), frozen(x).float()
         tolerance = 1e-4 if dtype is None else 0.05 * expected.abs().max().item()
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("amp", [False, pytest.param(True, marks=needs_bf16)])
+def test_inference_network_is_the_trained_network_frozen_in_its_precision(tmp_path, amp):
+    """model.pt or latest.pt's ``model`` entry, loaded weights-only into an eval-mode frozen graph whose output,
+    run by InferenceModeInferer, is the eager trained network's under the same autocast."""
+    torch.manual_seed(0)
+    trained = seed_unet(width=8, norm="batch")
+    trained(torch.randn(4, 1, 32, 32))  # non-trivial batch-norm statistics
+    torch.save({"model": trained.state_dict(), "optimizer": {}}, tmp_path / "latest.pt")
+    network = load_inference_network(seed_unet(width=8, norm="batch"), tmp_path / "latest.pt", "cpu", amp=amp)
+    assert isinstance(network, torch.jit.ScriptModule)  # frozen: batch norm folded in with its eval statistics
+    x = torch.randn(2, 1, 32, 32)
+    dtype = autocast_dtype("cpu") if amp else None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        expected = trained.eval().to(memory_format=torch.channels_last)(x).float()
+    got = InferenceModeInferer(SimpleInferer(), amp=amp)(x, network)
+    assert got.is_inference()
+    tolerance = 1e-4 if dtype is None else 0.05 * expected.abs().max().item()
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=0)
+
+
+def test_inference_network_refuses_missing_and_code_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained weights"):
+        load_inference_network(seed_unet(width=4), tmp_path / "model.pt")
+    torch.save({"model": {"weights": object()}}, tmp_path / "model.pt")  # only loadable by running pickled code
+    with pytest.raises(ValueError, match="model.pt: not a loadable weights-only checkpoint"):
+        load_inference_network(seed_unet(width=4), tmp_path / "model.pt")
+    torch.save([torch.zeros(1)], tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="holds list, not a state dict"):
+        load_inference_network(seed_unet(width=4), tmp_path / "model.pt")
+
+
+def test_inference_mode_inferer_without_amp_is_the_plain_inferer():
+    network = seed_unet(width=8).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        expected = SimpleInferer()(x, network)
+    assert torch.equal(InferenceModeInferer(SimpleInferer(), amp=False)(x, network), expected)
