@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,9 +111,10 @@ def test_weight_averaging_validates_saves_and_resumes_the_average(tmp_path, phan
     train_bundle(phantoms, out, {**knobs, "epochs": 2}, device="cpu", resume=True)
     resumed = torch.load(out / "models" / "latest.pt", map_location="cpu", weights_only=True)
     assert int(resumed["weight_averaging"]["n_averaged"]) == 2 * steps  # the same average continued
-    evaluation = load_config(out, ["train.json", "evaluate.json"], {"device": "cpu"})
-    # evaluate.json scores model.pt loaded into the network, not the (fresh) average of a training run
-    assert evaluation.get_parsed_content("validate#evaluator").network is evaluation.get_parsed_content("network")
+    evaluation = load_config(out, ["inference.json", "evaluate.json"], {"device": "cpu"})
+    # evaluate.json scores inference.json's network, model.pt loaded (the average), not a fresh training state
+    assert evaluation.get_parsed_content("evaluator").network is evaluation.get_parsed_content("network")
+    assert Path(evaluation.get_parsed_content("ckpt_path")) == out.resolve() / "models" / "model.pt"
     image = sorted((phantoms / "images").glob("*.nii.gz"))[0]
     (result,) = run_batch([image], tmp_path / "pred", out, device="cpu", workers=0, progress=False)
     assert result.status == "ok", result.error
@@ -140,40 +143,68 @@ def test_resume_refuses_corrupt_checkpoint(tmp_path, phantoms):
         train_bundle(phantoms, out, {**TINY_KNOBS, "epochs": 2}, device="cpu", resume=True)
 
 
-def test_inference_config_runs_with_monai_bundle_cli(trained, phantoms, tmp_path):
+@pytest.fixture(scope="module")
+def infecting_bundle(tmp_path_factory, random_bundle, phantoms) -> Path:
+    """The random bundle with its output bias shifted so that about half of each scan is called infected."""
+    bundle = tmp_path_factory.mktemp("infecting") / "bundle"
+    shutil.copytree(random_bundle, bundle)
+    network = load_config(bundle, ["inference.json"], {"device": "cpu"}).get_parsed_content("network_def").eval()
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state)
+    image = np.asarray(nib.load(str(sorted((phantoms / "images").glob("*.nii.gz"))[0])).dataobj, np.float32)
+    axial = torch.as_tensor((image - image.mean()) / image.std())[None, None, :64, :64, image.shape[2] // 2]
+    with torch.no_grad():
+        median = float(network(axial).median())
+    bias = next(k for k in state if k.startswith("final_conv") and state[k].dim() == 1)
+    state[bias] = state[bias] - median
+    torch.save(state, bundle / "models" / "model.pt")
+    return bundle
+
+
+def test_composed_bundle_evaluation_scores_the_masks_infer_writes(infecting_bundle, phantoms, tmp_path):
+    """``monai.bundle run`` of inference.json + evaluate.json segments the validation list exactly as
+    ``covid-monai infer`` does (the same files, voxel for voxel and header for header) and its metrics.csv holds
+    the numbers ``covid-monai evaluate`` gives those masks."""
+    from covid_monai.datalist import build_datalist, write_datalist
+    from covid_monai.evaluate import METRICS, evaluate_folders
+
+    datalist = build_datalist(phantoms, val_fraction=0.75)  # 3 of the 4 phantoms (RAS, LPS, LAS, RPI) validate
+    write_datalist(datalist, tmp_path / "datalist.json")
     out = tmp_path / "eval"
     _bundle_cli(
         "run",
-        "--config_file", "configs/inference.json",
-        "--bundle_root", str(trained),
-        "--dataset_dir", str(phantoms / "images"),
+        "--config_file", "['configs/inference.json','configs/evaluate.json']",
+        "--dataset_dir", str(phantoms),
+        "--data_list_file_path", str(tmp_path / "datalist.json"),
         "--output_dir", str(out),
         "--device", "cpu",
-        cwd=trained,
+        cwd=infecting_bundle,
     )
-    for image_path in sorted((phantoms / "images").glob("*.nii.gz")):
-        source = nib.load(str(image_path))
-        mask = nib.load(str(out / image_path.name.replace(".nii.gz", "_infection.nii.gz")))
-        assert mask.shape == source.shape and mask.get_data_dtype() == np.uint8
-        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
-
-
-def test_evaluate_config_writes_per_case_metrics(trained, tmp_path):
-    out = tmp_path / "metrics"
-    _bundle_cli(
-        "run",
-        "--config_file", "['configs/train.json','configs/evaluate.json']",
-        "--bundle_root", str(trained),
-        "--output_dir", str(out),
-        "--device", "cpu",
-        cwd=trained,
-    )
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "case,dice,iou,accuracy,sensitivity,specificity,hd95"
-    assert len(rows) == 2 and rows[1].startswith("phantom_")  # the one validation case, named after its scan
-    summary = (out / "metrics_summary.csv").read_text()
-    assert "mean" in summary and "std" in summary
-    assert list(out.glob("*_infection.nii.gz"))
+    cases = [Path(item["image"]) for item in datalist["validation"]]
+    assert len(cases) == 3
+    results = run_batch(cases, tmp_path / "infer", infecting_bundle, device="cpu", workers=0, progress=False)
+    assert [r.status for r in results] == ["ok"] * 3
+    infected = 0
+    for case in cases:
+        name = case.name.replace(".nii.gz", "_infection.nii.gz")
+        ours, infer = nib.load(str(out / name)), nib.load(str(tmp_path / "infer" / name))
+        np.testing.assert_array_equal(np.asanyarray(ours.dataobj), np.asanyarray(infer.dataobj))
+        assert ours.header.binaryblock == infer.header.binaryblock  # the same geometry, codes and data type
+        infected += int(np.count_nonzero(np.asanyarray(ours.dataobj)))
+    assert infected > 1000  # masks with something in them: a comparison of empty masks would prove nothing
+    (labels := tmp_path / "labels").mkdir()
+    for item in datalist["validation"]:
+        shutil.copy(item["label"], labels)
+    scored, _ = evaluate_folders(tmp_path / "infer", labels)
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["case", *METRICS]
+    assert [r["case"] for r in rows] == [r["case"] for r in scored]
+    for row, expected in zip(rows, scored, strict=True):
+        for metric in METRICS:
+            assert float(row[metric]) == pytest.approx(expected[metric], abs=2e-6, nan_ok=True), metric
+    summary = {r["statistic"]: r for r in csv.DictReader(open(out / "metrics_summary.csv", newline=""))}
+    assert float(summary["mean"]["dice"]) == pytest.approx(np.mean([r["dice"] for r in scored]), abs=2e-6)
 
 
 def test_verify_net_in_out_and_torchscript_export(trained, tmp_path):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 BATCH = 1  # volumes per step and rank in the DDP training below
 TRAIN_CONFIGS = "['configs/train.json','configs/multi_gpu_train.json']"
-EVALUATE_CONFIGS = "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']"
+EVALUATE_CONFIGS = "['configs/inference.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']"
 
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -162,11 +162,6 @@ def test_device_and_backend_per_rank():
             "validate#handlers#1": "TensorBoardStatsHandler",
             "validate#handlers#2": "CheckpointSaver",
         }),
-        ("multi_gpu_evaluate.json", ["train.json", "evaluate.json"], {
-            "validate#handlers#0": "CheckpointLoader",
-            "validate#handlers#1": "StatsHandler",
-            "validate#handlers#2": "covid_monai.handlers.CaseMetricsSaver",
-        }),
     ],
 )
 def test_multi_gpu_overrides_point_at_the_intended_handlers(override, configs, targets):
@@ -178,6 +173,16 @@ def test_multi_gpu_overrides_point_at_the_intended_handlers(override, configs, t
     overrides = json.loads((TEMPLATE_BUNDLE / "configs" / override).read_text())
     addressed = {"#".join(key.split("#")[:3]) for key in overrides if "#handlers#" in key}
     assert addressed and addressed <= set(targets)
+
+
+def test_multi_gpu_evaluate_replaces_the_handlers_by_name():
+    """multi_gpu_evaluate.json gives its own handler list (nothing addressed by position) over evaluate.json's."""
+    overrides = json.loads((TEMPLATE_BUNDLE / "configs" / "multi_gpu_evaluate.json").read_text())
+    assert not [key for key in overrides if "#handlers#" in key]
+    assert [h["_target_"] for h in overrides["handlers"]] == ["StatsHandler", "MetricsSaver"]
+    base = ConfigParser()
+    base.read_config([str(TEMPLATE_BUNDLE / "configs" / name) for name in ("inference.json", "evaluate.json")])
+    assert base["evaluator"]["val_handlers"] == "@handlers"
 
 
 def test_cli_argv_of_the_old_entry_point():
