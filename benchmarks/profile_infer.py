@@ -15,7 +15,7 @@ command line does. Stages:
   CastToTyped (on the network's grid);
 - ``invert``: ToSourceGridd, MaskFromSourceProbabilityd (lung labels and the thresholded probability back on the
   scan's grid; Invertd in older bundles);
-- ``write``: save_nifti_like (gzip NIfTI, atomic);
+- ``write``: SaveLikeSourced (gzip NIfTI, atomic);
 - ``quantify``: quantify_case (volumes, lesion count);
 - ``other``: the rest (model load, config parsing, DataLoader, summary).
 
@@ -59,6 +59,7 @@ STAGES = {
     "postprocess": ["Activationsd", "AsDiscreted", "RestrictToLungsd", "AddInfectionToLungsd", "RemoveSmallObjectsd",
                     "CastToTyped"],
     "invert": ["Invertd", "ToSourceGridd", "MaskFromSourceProbabilityd"],
+    "write": ["SaveLikeSourced"],
 }
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -112,14 +113,17 @@ def install_timers() -> None:
     import covid_monai.grid
     import covid_monai.inference
     import covid_monai.io
+    import covid_monai.saving
     import covid_monai.transforms
 
     for stage, names in STAGES.items():
         for name in names:
-            modules = (covid_monai.transforms, covid_monai.grid, covid_monai.io, monai.transforms, monai.inferers)
+            modules = (
+                covid_monai.transforms, covid_monai.grid, covid_monai.io, covid_monai.saving, monai.transforms,
+                monai.inferers,
+            )
             cls = next(getattr(m, name) for m in modules if hasattr(m, name))
             cls.__call__ = timed(cls.__call__, stage, name)
-    covid_monai.inference.save_nifti_like = timed(covid_monai.inference.save_nifti_like, "write", "save_nifti_like")
     covid_monai.inference.quantify_case = timed(covid_monai.inference.quantify_case, "quantify", "quantify_case")
 
 
