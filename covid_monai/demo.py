@@ -92,8 +92,8 @@ def run_demo(
 
     Example:
         >>> means = run_demo("demo_output", device="cpu")
-        >>> means["dice"] > 0.8 and means["disjoint_dice"] > 0.8
-        True
+        >>> round(means["dice"], 2), round(means["disjoint_dice"], 2)  # 2 CPU cores with AMX, about 5 min
+        (0.82, 0.8)
     """
     from covid_monai.evaluate import format_table
     from covid_monai.phantom import write_phantoms
