@@ -52,3 +52,20 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.save(network.state_dict(), out / "models" / "model.pt")
     return out
+
+
+@pytest.fixture(scope="module")
+def chest():
+    """A synthetic chest CT in HU with its affine and true lungs (tests/test_lungs.make_chest)."""
+    from tests.test_lungs import make_chest
+
+    return make_chest()
+
+
+@pytest.fixture(scope="module")
+def chest_mask(chest):
+    """The HU lung mask of :func:`chest`."""
+    from covid_monai.lungs import lung_mask_from_hu
+
+    hu, affine, _ = chest
+    return lung_mask_from_hu(hu, affine)

@@ -105,17 +105,6 @@ def world_x_centroid(mask: np.ndarray, affine: np.ndarray) -> float:
     return float(affine[0, :3] @ ijk + affine[0, 3])
 
 
-@pytest.fixture(scope="module")
-def chest():
-    return make_chest()
-
-
-@pytest.fixture(scope="module")
-def chest_mask(chest):
-    hu, affine, _ = chest
-    return lung_mask_from_hu(hu, affine)
-
-
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 

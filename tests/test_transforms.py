@@ -17,20 +17,8 @@ from covid_monai.transforms import (
     NeighbourSlicesToChannelsd,
     RestrictToLungsd,
     ValidateCTd,
-    lung_mask_from_hu,
 )
-from tests.test_lungs import dice, make_chest, reorient, world_x_centroid
-
-
-@pytest.fixture(scope="module")
-def chest():
-    return make_chest()
-
-
-@pytest.fixture(scope="module")
-def chest_mask(chest):
-    hu, affine, _ = chest
-    return lung_mask_from_hu(hu, affine)
+from tests.test_lungs import dice, reorient, world_x_centroid
 
 
 def test_lung_maskd_metatensor(chest, chest_mask):
