@@ -22,6 +22,7 @@ from monai.inferers import Inferer, SimpleInferer
 
 from covid_monai._private_api import cpu_bf16_features
 from covid_monai.errors import one_line
+from covid_monai.networks import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +179,9 @@ def load_inference_network(
     if not path.is_file():
         raise FileNotFoundError(f"no trained weights at {path}")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = read_state_dict(path, device)
     except Exception as exc:
         raise ValueError(f"{path}: not a loadable weights-only checkpoint ({one_line(exc)})") from exc
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: checkpoint holds {type(state).__name__}, not a state dict")
     network = network.to(device)

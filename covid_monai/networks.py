@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +20,15 @@ from monai.networks.nets import BasicUNet
 
 from covid_monai._private_api import skip_upcat_padding
 
-__all__ = ["LABEL_SCHEMES", "DeepSupervisedUNet", "is_multiclass", "load_initial_weights", "seed_unet", "unet_features"]
+__all__ = [
+    "LABEL_SCHEMES",
+    "DeepSupervisedUNet",
+    "is_multiclass",
+    "load_initial_weights",
+    "read_state_dict",
+    "seed_unet",
+    "unet_features",
+]
 
 LABEL_SCHEMES = ("binary", "multiclass")
 """Values of the bundle knob ``labels``: 0/1 infection masks, or 0/1/2 masks (1 ground glass, 2 consolidation)."""
@@ -180,6 +189,19 @@ _OUTPUT_LAYERS = ("final_conv.", "aux_heads.")
 """Parameter names of the output layers: the only ones that may differ in shape from the initial weights."""
 
 
+def read_state_dict(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> Any:
+    """What a weights-only checkpoint holds for the network: the file itself (``model.pt``), or the ``model`` entry
+    of a training state (``latest.pt``). Read with ``torch.load(..., weights_only=True)``: no code in the file runs.
+
+    Example:
+        >>> state = read_state_dict("bundle/models/model.pt")  # doctest: +SKIP
+    """
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    return state
+
+
 def load_initial_weights(network: torch.nn.Module, path: str | os.PathLike | None) -> torch.nn.Module:
     """Start training from another bundle's weights (pre-training, then fine-tuning): ``model.pt`` or ``latest.pt``.
 
@@ -204,11 +226,9 @@ def load_initial_weights(network: torch.nn.Module, path: str | os.PathLike | Non
     if not path:
         return network
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
     except Exception as exc:
         raise ValueError(f"{path}: cannot initialise the network from it ({' '.join(str(exc).split())[:300]})") from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
     own = network.state_dict()
     fresh = [k for k, v in state.items() if k.startswith(_OUTPUT_LAYERS) and k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in fresh}
