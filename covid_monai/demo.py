@@ -31,9 +31,12 @@ DEMO_KNOBS: dict[str, Any] = {
     "num_samples": 8,
     "batch_size": 2,
     "learning_rate": 0.002,
+    "num_workers": 0,
 }
 """Bundle settings of the demo: a narrower network at phantom resolution, trained in bf16 (on CPUs with AVX-512 BF16
-or AMX; fp32 elsewhere, about twice as slow), so training takes minutes on 2 cores."""
+or AMX; fp32 elsewhere, about twice as slow), so training takes minutes on 2 cores. The phantoms are cached and their
+augmentation is light, so loading runs in the training process: DataLoader workers would only compete with the network
+for the cores."""
 
 # The split, in one place. Training: five lesion kinds, standard to sharp kernels. Disjoint: the two kinds held out
 # (ground glass under a septal reticulation; a ring of consolidation around faint ground glass) on smooth kernels.
