@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,13 +420,9 @@ class BatchSegmenter:
         )
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), unit="scan", disable=not progress)
         start = time.perf_counter()
-        for item in loader:
-            case: Case = item["case"]
-            if "error" in item:
-                result = CaseResult(case.name, str(case.source), "failed", item["error"])
-                result.extra["trace"] = item.get("trace", "")
-            else:
-                result = self._segment_one(case, item["data"], postprocessing, out, debug)
+
+        def finish(case: Case, result: CaseResult) -> None:
+            nonlocal start
             result = _with_facts(result, case)
             result.seconds = round(time.perf_counter() - start, 3)
             start = time.perf_counter()
@@ -435,16 +432,56 @@ class BatchSegmenter:
             if on_result:
                 on_result(result)
             bar.update(1)
+
+        # Three scans in flight: the loader's worker reads and pre-processes the next one, this thread runs the
+        # network, and the writer thread post-processes, writes and quantifies the previous one. Results are
+        # finished in input order.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covid_monai_writer") as writer:
+            pending: tuple[Case, Future[CaseResult]] | None = None
+            for item in loader:
+                case: Case = item["case"]
+                if "error" in item:
+                    failed = CaseResult(case.name, str(case.source), "failed", item["error"])
+                    failed.extra["trace"] = item.get("trace", "")
+                    future: Future[CaseResult] = Future()
+                    future.set_result(failed)
+                else:
+                    future = self._predict_then_write(writer, case, item["data"], postprocessing, out, debug)
+                if pending is not None:
+                    finish(pending[0], pending[1].result())
+                pending = (case, future)
+            if pending is not None:
+                finish(pending[0], pending[1].result())
         bar.close()
         return [results[c.name] for c in cases]
 
-    def _segment_one(
+    def _predict_then_write(
+        self, writer: ThreadPoolExecutor, case: Case, data: dict[str, Any], postprocessing: Callable, out: Path,
+        debug: bool,
+    ) -> Future[CaseResult]:
+        """Run the network on one case here, then hand the rest (:meth:`_write_one`) to the writer thread."""
+        try:
+            data = self.predict(data)
+        except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
+            failed: Future[CaseResult] = Future()
+            failed.set_result(self._failure(case, exc, debug))
+            return failed
+        return writer.submit(self._write_one, case, data, postprocessing, out, debug)
+
+    def _failure(self, case: Case, exc: Exception, debug: bool) -> CaseResult:
+        result = CaseResult(case.name, str(case.source), "failed", one_line(exc))
+        if debug:
+            result.extra["trace"] = traceback.format_exc()
+        return result
+
+    def _write_one(
         self, case: Case, data: dict[str, Any], postprocessing: Callable, out: Path, debug: bool
     ) -> CaseResult:
-        """Segment one case (the bundle's post-processing writes its mask), then the extra outputs and the numbers."""
+        """Post-process one predicted case (the bundle's post-processing writes its mask), then the extra outputs and
+        the numbers."""
         result = CaseResult(case.name, str(case.source), "ok")
         try:
-            data = postprocessing(self.predict(data))  # no reference kept here: the post-processing drops the image
+            data = postprocessing(data)  # no reference kept here: the post-processing drops the image
             pred = data["pred"]
             affine = np.asarray(pred.affine, dtype=np.float64)
             mask = np.asarray(pred[0]).astype(np.uint8)
@@ -460,9 +497,7 @@ class BatchSegmenter:
             result.warnings = "; ".join(notes)
             _fill_numbers(result, numbers)
         except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
-            result.status, result.error = "failed", one_line(exc)
-            if debug:
-                result.extra["trace"] = traceback.format_exc()
+            return self._failure(case, exc, debug)
         return result
 
     def _quantify(

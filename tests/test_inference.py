@@ -160,6 +160,37 @@ def test_summary_matches_masks_and_rerun_skips(tmp_path, random_bundle, phantoms
     assert not list(out.glob(".*")), "temporary files left behind"
 
 
+def test_previous_scan_is_written_while_the_network_runs_the_next(tmp_path, random_bundle, phantoms, monkeypatch):
+    """The writer thread post-processes scan k while the network runs scan k+1; results stay in input order."""
+    import threading
+
+    from covid_monai.inference import BatchSegmenter
+
+    events: list[str] = []
+    writing = threading.Event()
+    predict, write_one = BatchSegmenter.predict, BatchSegmenter._write_one
+
+    def slow_predict(self, data):
+        if data["name"] != "phantom_000":  # the network on scan k+1 waits (bounded) for scan k's writing to start
+            events.append(f"overlap {data['name']}: {writing.wait(timeout=60)}")
+        writing.clear()
+        return predict(self, data)
+
+    def observed_write(self, case, *args):
+        writing.set()
+        events.append(f"write {case.name}")
+        return write_one(self, case, *args)
+
+    monkeypatch.setattr(BatchSegmenter, "predict", slow_predict)
+    monkeypatch.setattr(BatchSegmenter, "_write_one", observed_write)
+    results = _run([phantoms / "images"], tmp_path / "out", random_bundle)
+    names = [f"phantom_{i:03d}" for i in range(4)]
+    assert [r.case for r in results] == names and [r.status for r in results] == ["ok"] * 4
+    assert [e for e in events if e.startswith("overlap")] == [f"overlap {n}: True" for n in names[1:]]
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]
+    assert [row["case"] for row in rows] == names
+
+
 def test_bad_inputs_fail_alone_and_batch_goes_on(tmp_path, random_bundle):
     folder = tmp_path / "in"
     good = _write_case(folder, "good", "RAS")
