@@ -149,7 +149,11 @@ class FlipAveragingInferer(Inferer):
 
 
 def load_inference_network(
-    network: torch.nn.Module, checkpoint: str | os.PathLike, device: torch.device | str = "cpu", amp: bool = True
+    network: torch.nn.Module,
+    checkpoint: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    runtime: str = "torchscript",
 ) -> torch.nn.Module:
     """The bundle's network ready to segment: trained weights, eval mode, on ``device``, frozen on CPUs.
 
@@ -157,25 +161,32 @@ def load_inference_network(
     state (``latest.pt``) gives its ``model`` entry. On a CPU the network is made channels-last and frozen by
     :func:`freeze_for_cpu_inference` (batch norm folded into the convolutions, the precision of ``amp`` baked in),
     which runs oneDNN convolutions faster; on CUDA it stays an eager module (the inferer's autocast applies).
-    Run it through :class:`InferenceModeInferer` with the same ``amp``.
+    With ``runtime="openvino"`` (CPU only) it is compiled by OpenVINO instead
+    (:class:`covid_monai.runtimes.OpenVINONetwork`). Run it through :class:`InferenceModeInferer` with the same ``amp``.
 
     Args:
         network: the untrained network (the bundle's ``network_def``).
         checkpoint: ``models/model.pt``.
         device: where it runs.
         amp: mixed precision where the device runs it fast (:func:`autocast_dtype`).
+        runtime: ``torchscript`` (default) or ``openvino`` (:data:`covid_monai.runtimes.RUNTIMES`).
 
     Returns:
-        The network (a TorchScript module on CPUs).
+        The network (a TorchScript module on CPUs, an OpenVINO-compiled one with ``runtime="openvino"``).
 
     Raises:
         FileNotFoundError: no checkpoint at ``checkpoint``.
-        ValueError: the file is not a weights-only checkpoint of a state dict.
+        ValueError: the file is not a weights-only checkpoint of a state dict; an unknown runtime, or OpenVINO
+            asked for a GPU.
+        ImportError: ``runtime="openvino"`` without OpenVINO installed.
 
     Example:
         >>> net = load_inference_network(seed_unet(width=4), "bundle/models/model.pt", "cpu")  # doctest: +SKIP
     """
+    from covid_monai.runtimes import OpenVINONetwork, check_runtime
+
     path, device = Path(checkpoint), torch.device(device)
+    check_runtime(runtime, device)
     if not path.is_file():
         raise FileNotFoundError(f"no trained weights at {path}")
     try:
@@ -189,6 +200,8 @@ def load_inference_network(
     network.eval()
     if device.type != "cpu":
         return network
+    if runtime == "openvino":
+        return OpenVINONetwork(network, amp=amp and autocast_dtype(device) is not None)
     network = network.to(memory_format=torch.channels_last)  # oneDNN convolutions are faster on NHWC tensors
     return freeze_for_cpu_inference(network, autocast_dtype(device) if amp else None)
 
