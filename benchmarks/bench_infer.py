@@ -337,7 +337,7 @@ def print_table(result: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # main
 
-TOOLS = ("floor", "ours", "ours_trained", "lungmask")
+TOOLS = ("floor", "ours", "ours_openvino", "ours_trained", "lungmask")
 """The tools in the order each repeat runs them."""
 
 
@@ -353,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="N scans: one covid-monai call for all N against N lungmask calls and N floors (default 1)")
     p.add_argument("--trained-bundle", type=Path, metavar="DIR",
                    help="also time this trained bundle as is (e.g. demo_output/bundle) as the tool ours_trained")
+    p.add_argument("--openvino", action="store_true",
+                   help="also time the same bundle with --runtime openvino, as the tool ours_openvino")
     p.add_argument("--device", default="cpu", help="covid-monai --device: cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="set the bundle knob amp to true / false (default: the bundle template's value)")
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(args.device)
     scans = [make_input(work, shape, spacing, args.seed + i) for i in range(args.batch)]
     bundle = make_bundle(work, args.amp)
-    out_dirs = {"ours": work / "out_ours", "ours_trained": work / "out_ours_trained"}
+    out_dirs = {"ours": work / "out_ours"}
     floor_masks = [work / f"floor_mask_{i}.nii.gz" for i in range(args.batch)]
     peer_masks = [work / f"lungmask_mask_{i}.nii.gz" for i in range(args.batch)]
     commands: dict[str, list[list[str]]] = {
@@ -406,7 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         "ours": [[*ours_cli, "infer", *map(str, scans), "-o", str(out_dirs["ours"]), "--bundle", str(bundle),
                   "--device", args.device, "--quiet", "--overwrite"]],
     }
+    if args.openvino:
+        out_dirs["ours_openvino"] = work / "out_ours_openvino"
+        commands["ours_openvino"] = [[*ours_cli, "infer", *map(str, scans), "-o", str(out_dirs["ours_openvino"]),
+                                      "--bundle", str(bundle), "--device", args.device, "--quiet", "--overwrite",
+                                      "--runtime", "openvino"]]
     if args.trained_bundle is not None:
+        out_dirs["ours_trained"] = work / "out_ours_trained"
         commands["ours_trained"] = [[*ours_cli, "infer", *map(str, scans), "-o", str(out_dirs["ours_trained"]),
                                      "--bundle", str(args.trained_bundle.resolve()), "--device", args.device,
                                      "--quiet", "--overwrite"]]
@@ -461,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     want = speed_targets(shape[2], args.batch)
     ratios: dict[str, Any] = {}
     targets: dict[str, Any] = {}
-    for tool in [t for t in ("ours", "ours_trained") if t in summary]:
+    for tool in [t for t in ("ours", "ours_openvino", "ours_trained") if t in summary]:
         ours = summary[tool]["wall_s_median"]
-        suffix = "" if tool == "ours" else "_trained"
+        suffix = tool[len("ours"):]
         if "lungmask" in summary:
             pairs = [round(p["wall_s"] / o["wall_s"], 3) for o, p in zip(
                 [r for r in runs if r["tool"] == tool], [r for r in runs if r["tool"] == "lungmask"], strict=True)]
@@ -491,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
 
     knobs = read_knobs(bundle)
     weights = "random (torch.manual_seed(0)) for both networks (ours, lungmask)"
+    if args.openvino:
+        weights += "; ours_openvino: the same random weights, --runtime openvino"
     if args.trained_bundle is not None:
         weights += f"; ours_trained: the trained bundle {args.trained_bundle.resolve()} as is"
     result = {
