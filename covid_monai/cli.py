@@ -87,6 +87,9 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dicom-seg", action="store_true",
                    help="also write <case>_infection.seg.dcm (DICOM Segmentation) for DICOM inputs")
     p.add_argument("--report", action="store_true", help="write OUTDIR/report.html for the batch (implies --preview)")
+    p.add_argument("--runtime", choices=("torchscript", "openvino"),
+                   help="CPU runtime of the network (default: the bundle's, torchscript; openvino needs "
+                   "pip install covid-monai[openvino])")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the bundle's, 0.5)")
     p.add_argument("--min-lesion-ml", type=float, help="remove infection components smaller than this (mL)")
     p.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded mask (no lung limit)")
@@ -179,6 +182,8 @@ def _cmd_infer(args: argparse.Namespace, extra: dict[str, Any]) -> int:
     knobs = dict(extra)
     if args.threshold is not None:
         knobs["threshold"] = args.threshold
+    if args.runtime is not None:
+        knobs["runtime"] = args.runtime
     if args.min_lesion_ml is not None:
         knobs["min_lesion_ml"] = args.min_lesion_ml
     if args.no_postprocess:

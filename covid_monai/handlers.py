@@ -224,7 +224,10 @@ class CaseMetricsSaver:
 
     The same metrics and tables as ``covid-monai evaluate`` (:mod:`covid_monai.evaluate`), computed on the
     evaluator's post-processed ``pred`` and ``label`` (in the scans' original space when the post-processing
-    inverts the pre-processing), with the voxel spacing of each case from its affine.
+    inverts the pre-processing), with the voxel spacing of each case from its affine. In a distributed run
+    (``torch.distributed`` initialised, e.g. ``multi_gpu_evaluate.json`` under ``torchrun``) the ranks' rows are
+    gathered and rank 0 writes one table, each case once (a ``DistributedSampler`` that pads the split repeats cases),
+    in case order.
 
     Args:
         output_dir: where ``metrics.csv`` and ``metrics_summary.csv`` go.
@@ -270,4 +273,12 @@ class CaseMetricsSaver:
     def _write(self, engine: Engine) -> None:
         from covid_monai.evaluate import write_metrics_tables
 
-        write_metrics_tables(self.rows, self.output_dir)
+        rows = self.rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.rows)
+            if torch.distributed.get_rank() != 0:
+                return
+            by_case = {row["case"]: row for part in gathered for row in part or []}
+            rows = [by_case[case] for case in sorted(by_case)]
+        write_metrics_tables(rows, self.output_dir)

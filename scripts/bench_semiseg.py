@@ -85,6 +85,18 @@ supervision on the 1/2- and 1/4-size decoder outputs, Dice+focal instead of Dice
 orientations and gamma contrast as augmentation (e9: with them and the pre-training below, the CV Dice on the slices
 turned by 90 degrees equals the unturned one). ``docs/experiments.md`` has every experiment."""
 
+GPU_RECIPE: dict[str, Any] = {
+    **RECIPE,
+    "network_width": 32,
+    "batch_size": 16,
+    "epochs": 400,
+    "num_workers": 4,
+}
+"""The recipe for a GPU (``--recipe gpu``, on ``cuda`` unless ``--device`` says otherwise): the same pipeline with
+the U-Net twice as wide (width 32, the bundle's default), batches of 16 slices and a longer schedule (400 epochs from
+scratch, :data:`GPU_FINE_TUNE_EPOCHS` after :data:`GPU_PRETRAIN_EPOCHS` of pre-training). Not yet measured: the CPU
+recipe is the one the figures in ``docs/experiments.md`` rest on."""
+
 PRETRAIN_EPOCHS = 4
 """Epochs over the unlabelled slices with ``--unlabelled`` (e9)."""
 
@@ -93,6 +105,13 @@ FINE_TUNE_EPOCHS = 80
 ``epochs`` (140, measured from scratch in e8) apply."""
 
 THRESHOLDS = np.linspace(1.0, 0.0, 256)
+
+GPU_PRETRAIN_EPOCHS, GPU_FINE_TUNE_EPOCHS = 20, 200
+"""Pre-training and fine-tuning epochs of :data:`GPU_RECIPE` with ``--unlabelled``."""
+
+RECIPES = {"cpu": (RECIPE, PRETRAIN_EPOCHS, FINE_TUNE_EPOCHS), "gpu": (GPU_RECIPE, GPU_PRETRAIN_EPOCHS,
+                                                                       GPU_FINE_TUNE_EPOCHS)}
+"""``--recipe`` name: (knobs, pre-training epochs, fine-tuning epochs)."""
 
 INFERENCE_ONLY_KNOBS = ("threshold", "tta_flips", "min_lesion_ml")
 """Knobs that change inference but not training: ``--reuse-models`` scores them on already trained folds."""
@@ -167,6 +186,7 @@ def train_and_score(
     seed: int,
     reuse_model: Path | None = None,
     resume: bool = False,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Train on ``train`` (an eighth validates), segment ``test``, return per-image metrics.
 
@@ -180,16 +200,17 @@ def train_and_score(
         datalist = _datalist(root, train, 0 if last_epoch else max(1, len(train) // 8), seed)
         write_datalist(datalist, out / "datalist.json")
         resume = resume and (out / "bundle" / "models" / "latest.pt").is_file()
-        bundle = train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed, resume=resume)
+        bundle = train_bundle(out / "datalist.json", out / "bundle", knobs, device=device, seed=seed, resume=resume)
     else:  # today's pipeline with this run's knobs, the earlier run's weights
         bundle = create_bundle(out / "bundle", knobs)
         (bundle / "models").mkdir(exist_ok=True)
         shutil.copy2(reuse_model / "models" / "model.pt", bundle / "models" / "model.pt")
     if not test:
         return []
-    rows = {name: {"case": name, **scores} for name, scores in _segment_and_score(root, test, out / "pred", bundle)}
+    rows = {name: {"case": name, **scores}
+            for name, scores in _segment_and_score(root, test, out / "pred", bundle, device)}
     turned = turn_slices(root, out / "turned", test)
-    for name, scores in _segment_and_score(turned, test, out / "pred_turned", bundle):
+    for name, scores in _segment_and_score(turned, test, out / "pred_turned", bundle, device):
         rows[name].update({f"turned_{k}": v for k, v in scores.items() if k in TURNED_METRICS})
     return [rows[name] for name in test]
 
@@ -198,9 +219,11 @@ TURNED_METRICS = ("dice", "infnet_dice", "mask_dice")
 """Metrics also reported (as ``turned_<metric>``) on the held-out slices turned by 90 degrees."""
 
 
-def _segment_and_score(root: Path, names: Sequence[str], out: Path, bundle: Path) -> list[tuple[str, dict]]:
+def _segment_and_score(
+    root: Path, names: Sequence[str], out: Path, bundle: Path, device: str = "cpu"
+) -> list[tuple[str, dict]]:
     """Segment ``root/images/<name>.nii.gz`` with ``bundle`` into ``out`` and score each against its label."""
-    results = run_batch([root / "images" / f"{n}.nii.gz" for n in names], out, bundle, device="cpu",
+    results = run_batch([root / "images" / f"{n}.nii.gz" for n in names], out, bundle, device=device,
                         workers=0, save_probabilities=True, progress=False, overwrite=True)
     failed = [r for r in results if r.status != "ok"]
     if failed:
@@ -261,7 +284,8 @@ def turn_slices(root: Path, out: Path, names: Sequence[str]) -> Path:
 
 
 def pretrain_on_unlabelled(
-    unlabelled: Path, out: Path, knobs: dict[str, Any], epochs: int, seed: int, resume: bool = False
+    unlabelled: Path, out: Path, knobs: dict[str, Any], epochs: int, seed: int, resume: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Pre-train on the unlabelled slices with their pseudo-masks (Semi-Inf-Net's first stage); return the weights.
 
@@ -282,7 +306,7 @@ def pretrain_on_unlabelled(
         raise RuntimeError(f"{unlabelled}: no image with a pseudo-mask (expected images/ and pseudo_masks/)")
     write_datalist(_datalist(nifti, names, 0, seed), out / "datalist.json")
     resume = resume and (out / "bundle" / "models" / "latest.pt").is_file()
-    train_bundle(out / "datalist.json", out / "bundle", knobs, device="cpu", seed=seed, resume=resume)
+    train_bundle(out / "datalist.json", out / "bundle", knobs, device=device, seed=seed, resume=resume)
     minutes = (time.perf_counter() - started) / 60
     done.write_text(json.dumps({"knobs": knobs, "slices": len(names), "minutes": minutes}, indent=1) + "\n")
     logger.info("pre-trained on %d pseudo-labelled slices in %.1f min", len(names), minutes)
@@ -310,8 +334,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unlabelled", type=Path, metavar="DIR",
                         help="pre-train on DIR/images with DIR/pseudo_masks first (once), then fine-tune every fold "
                              "and the final model from those weights; they only ever train")
-    parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS,
-                        help=f"epochs over the unlabelled slices (default {PRETRAIN_EPOCHS})")
+    parser.add_argument("--pretrain-epochs", type=int,
+                        help=f"epochs over the unlabelled slices (default {PRETRAIN_EPOCHS}; "
+                             f"{GPU_PRETRAIN_EPOCHS} with --recipe gpu)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default="cpu",
+                        help="cpu: the measured recipe (default); gpu: a wider network and a longer schedule for a "
+                             "GPU (GPU_RECIPE), on cuda unless --device says otherwise")
+    parser.add_argument("--device", help="where to train and segment (default cpu; cuda with --recipe gpu)")
     parser.add_argument("--no-cv", action="store_true", help="only the final model on all slices, into OUT/bundle")
     parser.add_argument("--labels", choices=("binary", "multiclass"), default="binary",
                         help="binary: DATA/masks (infection); multiclass: DATA/masks_multiclass (1 ground glass, "
@@ -320,13 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from covid_monai.bundle import parse_overrides
 
-    knobs = {**RECIPE, **parse_overrides(extra), "seed": args.seed}
+    recipe, pretrain_epochs, fine_tune_epochs = RECIPES[args.recipe]
+    device = args.device or ("cuda" if args.recipe == "gpu" else "cpu")
+    knobs = {**recipe, **parse_overrides(extra), "seed": args.seed}
     if args.labels == "multiclass":
         knobs["labels"] = "multiclass"
     if args.epochs:
         knobs["epochs"] = args.epochs
     elif args.unlabelled and "epochs" not in parse_overrides(extra):
-        knobs["epochs"] = FINE_TUNE_EPOCHS
+        knobs["epochs"] = fine_tune_epochs
     if args.checkpoint == "last":
         knobs["val_interval"] = int(knobs["epochs"]) + 1
     if args.reuse_models:
@@ -337,11 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_cv and args.no_final:
         parser.error("--no-cv with --no-final leaves nothing to do")
     started = time.perf_counter()
-    result: dict[str, Any] = {"experiment": args.name, "reused_models": str(args.reuse_models) if args.reuse_models
-                              else None}
+    result: dict[str, Any] = {"experiment": args.name, "recipe": args.recipe, "device": device,
+                              "reused_models": str(args.reuse_models) if args.reuse_models else None}
     if args.unlabelled:
-        weights = pretrain_on_unlabelled(args.unlabelled, args.out / "pretrain", knobs, args.pretrain_epochs,
-                                         args.seed, args.resume)
+        weights = pretrain_on_unlabelled(args.unlabelled, args.out / "pretrain", knobs,
+                                         args.pretrain_epochs or pretrain_epochs, args.seed, args.resume, device)
         knobs["init_weights"] = str(weights.resolve())
         result["pretrain"] = json.loads((args.out / "pretrain" / "pretrain.json").read_text())
     root = args.out / "nifti"
@@ -358,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved = json.loads(scored.read_text())
             rows, fold_started = saved["rows"], time.perf_counter() - 60 * saved["minutes"]
         else:
-            rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse, args.resume)
+            rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse, args.resume,
+                                   device)
             minutes = (time.perf_counter() - fold_started) / 60
             scored.write_text(json.dumps({"knobs": knobs, "rows": rows, "minutes": minutes}, indent=1) + "\n")
         summary = {m: _mean([r.get(m) for r in rows]) for m in rows[0] if m != "case"}
@@ -378,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     })
     if not args.no_final:
         final_started = time.perf_counter()
-        train_and_score(root, names, [], args.out, knobs, args.seed, resume=args.resume)
+        train_and_score(root, names, [], args.out, knobs, args.seed, resume=args.resume, device=device)
         result["final_bundle"] = str((args.out / "bundle").resolve())
         result["final_minutes"] = (time.perf_counter() - final_started) / 60
     result["minutes"] = (time.perf_counter() - started) / 60

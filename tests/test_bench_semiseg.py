@@ -63,6 +63,22 @@ def test_cross_validation_final_bundle_resume_and_reuse(six_slices, tmp_path):
     assert not (flips / "bundle").exists()
 
 
+def test_gpu_recipe_is_the_cpu_recipe_wider_and_longer(six_slices, tmp_path):
+    """--recipe gpu trains the same pipeline with the GPU recipe's knobs (here on the CPU, one epoch)."""
+    gpu, cpu = bench_semiseg.GPU_RECIPE, bench_semiseg.RECIPE
+    assert gpu["network_width"] == 2 * cpu["network_width"] and gpu["epochs"] > cpu["epochs"]
+    assert {k: v for k, v in gpu.items() if k not in ("network_width", "batch_size", "epochs", "num_workers")} == {
+        k: v for k, v in cpu.items() if k not in ("network_width", "batch_size", "epochs", "num_workers")}
+    out = tmp_path / "gpu"
+    args = ["--data", str(six_slices), "--out", str(out), "--no-cv", "--recipe", "gpu", "--device", "cpu",
+            "--epochs", "1", "--slice_size", "[64, 64]", "--patch_size", "[64, 64]", "--num_workers", "0"]
+    assert bench_semiseg.main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["recipe"] == "gpu" and result["device"] == "cpu"
+    assert result["knobs"]["network_width"] == 32 and result["knobs"]["batch_size"] == 16
+    assert (out / "bundle" / "models" / "model.pt").is_file()
+
+
 def test_image_metrics_against_hand_counts():
     label = np.zeros((4, 4), bool)
     label[:2] = True  # 8 voxels

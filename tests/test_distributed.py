@@ -18,6 +18,7 @@ from covid_monai.cli import main
 from covid_monai.datalist import build_datalist, write_datalist
 from covid_monai.distributed import backend_for, cli_argv, merge_shard_summaries, rank_device
 from covid_monai.handlers import averaged_weights
+from covid_monai.io import nifti_stem
 from covid_monai.summary import CaseResult, read_summary, write_summary
 from tests.conftest import TINY_KNOBS
 
@@ -82,8 +83,11 @@ def test_ddp_evaluation_gathers_every_case(ddp_bundle):
     bundle, datalist = ddp_bundle
     _torchrun("-m", "monai.bundle", "run", "--config_file", EVALUATE_CONFIGS, "--device", "$torch.device('cpu')",
               cwd=bundle)
-    rows = (bundle / "eval" / "val_mean_dice_raw.csv").read_text().splitlines()[1:]
-    assert sorted(row.split(",")[0] for row in rows) == sorted(item["image"] for item in datalist["validation"])
+    header, *rows = (bundle / "eval" / "metrics.csv").read_text().splitlines()
+    assert header.startswith("case,") and "dice" in header.split(",")
+    cases = [row.split(",")[0] for row in rows]  # one table from rank 0, each case once, in case order
+    assert cases == sorted(nifti_stem(item["image"]) for item in datalist["validation"])
+    assert (bundle / "eval" / "metrics_summary.csv").is_file()
     assert len(list((bundle / "eval").glob("*_infection.nii.gz"))) == len(datalist["validation"])
 
 
@@ -173,7 +177,7 @@ def test_multi_gpu_evaluate_replaces_the_handlers_by_name():
     """multi_gpu_evaluate.json gives its own handler list (nothing addressed by position) over evaluate.json's."""
     overrides = json.loads((TEMPLATE_BUNDLE / "configs" / "multi_gpu_evaluate.json").read_text())
     assert not [key for key in overrides if "#handlers#" in key]
-    assert [h["_target_"] for h in overrides["handlers"]] == ["StatsHandler", "MetricsSaver"]
+    assert [h["_target_"] for h in overrides["handlers"]] == ["StatsHandler", "covid_monai.handlers.CaseMetricsSaver"]
     base = ConfigParser()
     base.read_config([str(TEMPLATE_BUNDLE / "configs" / name) for name in ("inference.json", "evaluate.json")])
     assert base["evaluator"]["val_handlers"] == "@handlers"

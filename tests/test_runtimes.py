@@ -12,7 +12,7 @@ import torch
 from covid_monai.inference import run_batch
 from covid_monai.inferers import load_inference_network
 from covid_monai.networks import seed_unet
-from covid_monai.runtimes import OpenVINONetwork, check_runtime
+from covid_monai.runtimes import RUNTIMES, OpenVINONetwork, check_runtime
 
 pytest.importorskip("openvino", reason="OpenVINO is the optional runtime (requirements-dev.txt installs it)")
 
@@ -74,3 +74,14 @@ def test_missing_openvino_says_how_to_install_it(trained_like_network, monkeypat
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     with pytest.raises(ImportError, match=r"pip install openvino==[\d.]+ \(or covid-monai\[openvino\]\)"):
         OpenVINONetwork(trained_like_network)
+
+
+def test_command_line_offers_exactly_the_runtimes():
+    from covid_monai.cli import build_parser
+
+    parser = build_parser()
+    for runtime in RUNTIMES:
+        args = parser.parse_args(["infer", "scan.nii.gz", "-o", "out", "--bundle", "b", "--runtime", runtime])
+        assert args.runtime == runtime
+    with pytest.raises(SystemExit):
+        parser.parse_args(["infer", "scan.nii.gz", "-o", "out", "--bundle", "b", "--runtime", "tensorrt"])

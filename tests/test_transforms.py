@@ -101,6 +101,30 @@ def test_restrict_to_lungs_in_slabs_is_exact():
         np.testing.assert_array_equal(mask, distance <= limit)
 
 
+def test_restrict_to_lungs_matches_a_whole_volume_reference():
+    """Distances only around the prediction outside the lungs give the result of the plain definition: 26-connected
+    components touching the lungs dilated by the margin, cut at the reach (full-volume distance transform)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    spacing = (1.2, 0.9, 2.5)
+    lungs = ndimage.gaussian_filter(rng.random((48, 40, 30)), 3) > 0.52
+    distance = ndimage.distance_transform_edt(~lungs, sampling=spacing)
+    preds = {
+        "scattered": ndimage.gaussian_filter(rng.random((48, 40, 30)), 1.5) > 0.56,
+        "inside the lungs only": lungs & (rng.random(lungs.shape) > 0.7),
+        "far from the lungs only": (distance > 20.0) & (rng.random(lungs.shape) > 0.9),
+    }
+    for name, pred in preds.items():
+        labels, _ = ndimage.label(pred, structure=np.ones((3, 3, 3)))
+        touching = np.unique(labels[pred & (distance <= 3.0)])
+        expected = np.isin(labels, touching[touching > 0]) & (distance <= 15.0)
+        out = RestrictToLungsd("pred", margin_mm=3.0, max_distance_mm=15.0, pixdim=spacing, slab=8)(
+            {"pred": pred[None].astype(np.float32), "lungs": lungs[None].astype(np.uint8)})["pred"]
+        np.testing.assert_array_equal(out[0] > 0, expected, err_msg=name)
+    assert preds["far from the lungs only"].any()
+
+
 def test_restrict_to_lungs_empty_mask():
     pred = torch.ones((1, 8, 8, 4))
     lungs = torch.zeros((1, 8, 8, 4), dtype=torch.uint8)

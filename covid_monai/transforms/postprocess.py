@@ -95,18 +95,31 @@ class RestrictToLungsd(MapTransform):
             return np.asarray(ensure_tuple_rep(self.pixdim, ndim), dtype=np.float64)
         return np.ones(ndim, dtype=np.float64)
 
-    def _near_lungs(self, lungs: np.ndarray, spacing: np.ndarray, limits_mm: Sequence[float]) -> list[np.ndarray]:
+    def _near_lungs(
+        self, lungs: np.ndarray, spacing: np.ndarray, limits_mm: Sequence[float], where: np.ndarray | None = None
+    ) -> list[np.ndarray]:
         """For each limit, the voxels at most that far (mm, Euclidean) from the lung mask.
 
         The distance transform runs on the lungs' bounding box padded by the largest limit, in slabs of the last
         axis that overlap by that limit: exact for every distance up to the limit, with memory bounded by one slab
         per thread whatever the number of slices (slabs run side by side, :func:`~covid_monai.parallel.map_slabs`).
+        With ``where`` (the voxels whose distance matters: the prediction outside the lungs) it runs only on the
+        part of that box within the largest limit of ``where``: the result is exact on ``where`` and on the lungs
+        (always within every limit), which is all a prediction needs, and costs nothing when the prediction lies
+        inside the lungs.
         """
         reach = max(limits_mm)
         margin = [int(math.ceil(reach / s)) + 1 for s in spacing]
+        near = [lungs.copy() for _ in limits_mm]
+        if where is not None and not where.any():
+            return near
         box = bounding_box(lungs[None], margin=margin)
+        if where is not None:  # a lung voxel within the reach of a voxel of ``where`` is inside its padded box
+            around = bounding_box(where[None], margin=margin)
+            box = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, around, strict=True))
+            if any(part.start >= part.stop for part in box):
+                return near
         start, end = box[-1].start, box[-1].stop
-        near = [np.zeros(lungs.shape, dtype=bool) for _ in limits_mm]
         step = max(self.slab, 2 * margin[-1])
 
         def fill_slab(part: slice) -> None:  # writes only its own slices of ``near``
@@ -130,6 +143,12 @@ class RestrictToLungsd(MapTransform):
             lungs = lungs[0]
         lungs = lungs > 0
         near: list[np.ndarray] | None = None
+        outside = np.zeros(lungs.shape, dtype=bool)  # predicted voxels outside the lungs, over every key
+        for key in self.key_iterator(d):
+            array = _as_numpy(d[key])
+            if array.shape[1:] == lungs.shape:
+                outside |= (array > 0).any(0)
+        outside &= ~lungs
         for key in self.key_iterator(d):
             pred = d[key]
             array = _as_numpy(pred)
@@ -148,7 +167,7 @@ class RestrictToLungsd(MapTransform):
             else:
                 if near is None:  # one distance transform serves the margin and the reach
                     limits = [self.margin_mm] if self.mode == "voxels" else [self.margin_mm, self.max_distance_mm]
-                    near = self._near_lungs(lungs, self._spacing(lungs_value, pred, lungs.ndim), limits)
+                    near = self._near_lungs(lungs, self._spacing(lungs_value, pred, lungs.ndim), limits, outside)
                 allowed = near[0]
                 if self.mode == "voxels":
                     keep = allowed[None]
