@@ -443,8 +443,7 @@ class BatchSegmenter:
                 if "error" in item:
                     failed = CaseResult(case.name, str(case.source), "failed", item["error"])
                     failed.extra["trace"] = item.get("trace", "")
-                    future: Future[CaseResult] = Future()
-                    future.set_result(failed)
+                    future = _finished(failed)
                 else:
                     future = self._predict_then_write(writer, case, item["data"], postprocessing, out, debug)
                 if pending is not None:
@@ -463,9 +462,7 @@ class BatchSegmenter:
         try:
             data = self.predict(data)
         except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the batch
-            failed: Future[CaseResult] = Future()
-            failed.set_result(self._failure(case, exc, debug))
-            return failed
+            return _finished(self._failure(case, exc, debug))
         return writer.submit(self._write_one, case, data, postprocessing, out, debug)
 
     def _failure(self, case: Case, exc: Exception, debug: bool) -> CaseResult:
@@ -549,6 +546,13 @@ class BatchSegmenter:
         earlier = before.get(case.name)
         refused = earlier is not None and "no DICOM-SEG:" in (earlier.warnings or "")
         return ["dicom_seg"] if self.save_dicom_seg and case.kind == "dicom" and not refused else []
+
+
+def _finished(result: CaseResult) -> Future[CaseResult]:
+    """A future that already holds ``result`` (a case that fails before the writer thread sees it)."""
+    future: Future[CaseResult] = Future()
+    future.set_result(result)
+    return future
 
 
 def _fill_numbers(result: CaseResult, numbers: Mapping[str, Any]) -> None:
