@@ -28,6 +28,7 @@ from monai.transforms.utils import get_largest_connected_component_mask
 from nibabel.orientations import io_orientation
 from scipy import ndimage
 
+from covid_monai.distance import within_distance
 from covid_monai.parallel import map_in_threads, map_slabs
 
 __all__ = [
@@ -496,9 +497,9 @@ def _closing_edt(mask: np.ndarray, radius_mm: float, sampling: Sequence[float]) 
     # one that does not is surrounded by background
     pad = [int(math.ceil(radius_mm / s)) + 1 for s in sampling]
     padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
-    dilated = ndimage.distance_transform_edt(~padded, sampling=sampling) <= radius_mm
+    (dilated,) = within_distance(padded, sampling, [radius_mm], threads=1)  # the two sides run side by side
     if not dilated.all():
-        dilated = ndimage.distance_transform_edt(dilated, sampling=sampling) > radius_mm
+        dilated = ~within_distance(~dilated, sampling, [radius_mm], threads=1)[0]
     return dilated[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))]
 
 

@@ -24,6 +24,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 from scipy import ndimage
 
+from covid_monai.distance import nearest_label, within_distance
 from covid_monai.parallel import map_slabs
 from covid_monai.transforms.utils import _as_numpy, bounding_box
 
@@ -90,7 +91,7 @@ class RestrictToLungsd(MapTransform):
     def _spacing(self, lungs: Any, pred: Any, ndim: int) -> np.ndarray:
         for value in (lungs, pred):
             if isinstance(value, MetaTensor):
-                return np.asarray(affine_to_spacing(value.affine, r=ndim), dtype=np.float64)
+                return _spacing_of(value, ndim)
         if self.pixdim is not None:
             return np.asarray(ensure_tuple_rep(self.pixdim, ndim), dtype=np.float64)
         return np.ones(ndim, dtype=np.float64)
@@ -121,16 +122,14 @@ class RestrictToLungsd(MapTransform):
                 return near
         start, end = box[-1].start, box[-1].stop
         step = max(self.slab, 2 * margin[-1])
+        threads = 1 if end - start > step else None  # slabs run side by side, or one slab uses every thread
 
         def fill_slab(part: slice) -> None:  # writes only its own slices of ``near``
             low, high = max(start, part.start - margin[-1]), min(end, part.stop + margin[-1])
             window = (*box[:-1], slice(low, high))
-            if not lungs[window].any():
-                return
-            distance = ndimage.distance_transform_edt(~lungs[window], sampling=spacing)
-            core = distance[..., part.start - low : part.stop - low]
-            for out, limit in zip(near, limits_mm, strict=True):
-                out[(*box[:-1], part)] = core <= limit
+            inside = within_distance(lungs[window], spacing, limits_mm, threads)
+            for out, limit in zip(near, inside, strict=True):
+                out[(*box[:-1], part)] = limit[..., part.start - low : part.stop - low]
 
         map_slabs(fill_slab, end, step, start=start)
         return near
@@ -180,6 +179,13 @@ class RestrictToLungsd(MapTransform):
         return d
 
 
+def _spacing_of(value: Any, ndim: int) -> np.ndarray:
+    """Voxel size (mm) from a MetaTensor's affine; 1 mm per axis for plain arrays."""
+    if isinstance(value, MetaTensor):
+        return np.asarray(affine_to_spacing(value.affine, r=ndim), dtype=np.float64)
+    return np.ones(ndim, dtype=np.float64)
+
+
 def _components_touching(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Per channel, the 26-connected components of ``pred`` that have at least one voxel in ``region``.
 
@@ -205,7 +211,7 @@ class AddInfectionToLungsd(MapTransform):
 
     Lung masks include their lesions (as in COVID-19-CT-Seg), but an HU-threshold mask misses consolidation as dense
     as soft tissue. After :class:`RestrictToLungsd` every infection component touches a lung; this transform adds
-    its voxels outside the mask to the nearest lung (Euclidean distance in voxels, within the bounding box of those
+    its voxels outside the mask to the nearest lung (Euclidean distance in mm, within the bounding box of those
     voxels plus a margin), so that lung volumes and the percentage of lung involved count consolidated lung too,
     and a component that touches both lungs is shared between them.
 
@@ -234,11 +240,7 @@ class AddInfectionToLungsd(MapTransform):
                 box = bounding_box(outside[None], margin=8)
                 lung_box = lungs[box]
                 if lung_box.any():
-                    nearest = ndimage.distance_transform_edt(
-                        lung_box == 0, return_distances=False, return_indices=True
-                    )
-                    labels = lung_box[tuple(nearest)]
                     grow = outside[box]
-                    lung_box[grow] = labels[grow]
+                    lung_box[grow] = nearest_label(lung_box, _spacing_of(lungs_value, lungs.ndim))[grow]
             d[key], *_ = convert_to_dst_type(lungs[None], lungs_value, dtype=np.uint8)
         return d
