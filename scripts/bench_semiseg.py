@@ -46,6 +46,7 @@ from covid_monai.bundle import create_bundle  # noqa: E402
 from covid_monai.datalist import write_datalist  # noqa: E402
 from covid_monai.evaluate import compute_case_metrics  # noqa: E402
 from covid_monai.inference import run_batch  # noqa: E402
+from covid_monai.io import save_nifti_like  # noqa: E402
 from covid_monai.train import train_bundle  # noqa: E402
 from scripts.convert_slices import convert  # noqa: E402
 
@@ -279,7 +280,7 @@ def turn_slices(root: Path, out: Path, names: Sequence[str]) -> Path:
             source = nib.load(str(root / sub / f"{name}.nii.gz"))
             turned = np.ascontiguousarray(np.rot90(np.asarray(source.dataobj), 1, axes=(0, 1)))
             (out / sub).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(turned, source.affine, source.header), str(out / sub / f"{name}.nii.gz"))
+            save_nifti_like(turned, out / sub / f"{name}.nii.gz", affine=source.affine, dtype=source.get_data_dtype())
     return out
 
 

@@ -130,3 +130,23 @@ def test_failure_tables_and_worst_slices_from_a_run(tmp_path):
                                                                          per_image[3]["mask_dice"]]))
     picture = Image.open(tmp_path / "out" / "worst.png")
     assert picture.height == 2 * (200 + 16)
+
+
+def test_turned_slices_are_the_pictures_turned_by_90_degrees_in_the_same_geometry(tmp_path):
+    root, out = tmp_path / "converted", tmp_path / "turned"
+    affine = np.diag([0.8, 0.8, 5.0, 1.0])
+    rng = np.random.default_rng(0)
+    pictures = {
+        "images": rng.integers(-1024, 400, (48, 32, 1)).astype(np.int16),  # not square: the shape turns too
+        "labels": (rng.random((48, 32, 1)) > 0.7).astype(np.uint8),
+    }
+    for sub, picture in pictures.items():
+        (root / sub).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(picture, affine), str(root / sub / "7.nii.gz"))
+    assert bench_semiseg.turn_slices(root, out, ["7"]) == out
+    for sub, picture in pictures.items():
+        turned = nib.load(str(out / sub / "7.nii.gz"))
+        assert turned.get_data_dtype() == picture.dtype
+        np.testing.assert_array_equal(np.asanyarray(turned.dataobj), np.rot90(picture, 1, axes=(0, 1)))
+        np.testing.assert_allclose(turned.affine, affine)
+    assert (root / "images" / "7.nii.gz").is_file()  # the input is left as it was
