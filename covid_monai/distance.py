@@ -3,7 +3,9 @@
 The lung mask's closing, the reach of a prediction from the lungs and the nearest lung of a voxel all need exact
 Euclidean distances. Distances come from the ``edt`` package (multi-threaded, float32, about 2.5 times faster than
 ``scipy.ndimage.distance_transform_edt`` on one thread, which also builds a full index array per call) and are
-compared squared, so no square root is taken; the nearest label, which needs those indices, from scipy.
+compared squared, so no square root is taken; the nearest label, which needs those indices, from scipy. ``edt``
+holds the GIL while it runs (its own threads do the work), so callers in a thread pool take turns, each using every
+thread, rather than running side by side.
 """
 
 from __future__ import annotations

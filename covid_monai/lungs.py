@@ -497,9 +497,9 @@ def _closing_edt(mask: np.ndarray, radius_mm: float, sampling: Sequence[float]) 
     # one that does not is surrounded by background
     pad = [int(math.ceil(radius_mm / s)) + 1 for s in sampling]
     padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
-    (dilated,) = within_distance(padded, sampling, [radius_mm], threads=1)  # the two sides run side by side
+    (dilated,) = within_distance(padded, sampling, [radius_mm])
     if not dilated.all():
-        dilated = ~within_distance(~dilated, sampling, [radius_mm], threads=1)[0]
+        dilated = ~within_distance(~dilated, sampling, [radius_mm])[0]
     return dilated[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape, strict=True))]
 
 

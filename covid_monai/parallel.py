@@ -1,9 +1,9 @@
 """Run independent slab-wise numpy / scipy steps on several cores.
 
 The full-resolution steps around the network (resampling, lung distance maps, closing, thresholding) work in slabs
-of slices that are independent of each other. numpy's gathers and arithmetic, scipy.ndimage's labelling and the
-distance transforms (:mod:`covid_monai.distance`) release the GIL, so a thread pool runs slabs side by side without
-copying any array.
+of slices that are independent of each other. numpy's gathers and arithmetic and scipy.ndimage's transforms and
+labelling release the GIL, so a thread pool runs slabs side by side without copying any array (the distance
+transforms of :mod:`covid_monai.distance` hold it but use every thread themselves).
 The number of threads follows PyTorch's (``torch.get_num_threads()``: the cores of this process, or what
 ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set), so one setting governs the whole pipeline.
 """

@@ -122,12 +122,11 @@ class RestrictToLungsd(MapTransform):
                 return near
         start, end = box[-1].start, box[-1].stop
         step = max(self.slab, 2 * margin[-1])
-        threads = 1 if end - start > step else None  # slabs run side by side, or one slab uses every thread
 
         def fill_slab(part: slice) -> None:  # writes only its own slices of ``near``
             low, high = max(start, part.start - margin[-1]), min(end, part.stop + margin[-1])
             window = (*box[:-1], slice(low, high))
-            inside = within_distance(lungs[window], spacing, limits_mm, threads)
+            inside = within_distance(lungs[window], spacing, limits_mm)  # edt holds the GIL: slabs take turns
             for out, limit in zip(near, inside, strict=True):
                 out[(*box[:-1], part)] = limit[..., part.start - low : part.stop - low]
 
