@@ -13,7 +13,7 @@
   ``1 - p_background`` and the class (1 ground glass, 2 consolidation) of infected voxels.
 * :mod:`~covid_monai.transforms.postprocess` -- :class:`RestrictToLungsd`, :class:`AddInfectionToLungsd`: infection
   away from the lungs removed, infection next to a lung given that lung's label.
-* :mod:`~covid_monai.transforms.utils` -- :func:`bounding_box` of a mask.
+* :mod:`~covid_monai.transforms.utils` -- :func:`bounding_box` of a mask, :func:`voxel_spacing` of a value.
 
 Every name is importable from ``covid_monai.transforms`` itself (what the bundle configs reference).
 """
@@ -26,7 +26,7 @@ from covid_monai.transforms.crop import AboveOrAll, CropForegroundMMd
 from covid_monai.transforms.lungs import LungMaskd
 from covid_monai.transforms.postprocess import AddInfectionToLungsd, RestrictToLungsd
 from covid_monai.transforms.slices import NeighbourSlicesToChannelsd
-from covid_monai.transforms.utils import bounding_box
+from covid_monai.transforms.utils import bounding_box, voxel_spacing
 from covid_monai.transforms.validate import ValidateCTd
 
 __all__ = [
@@ -44,4 +44,5 @@ __all__ = [
     "bounding_box",
     "infection_classes",
     "lung_mask_from_hu",
+    "voxel_spacing",
 ]

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.data.utils import affine_to_spacing
 from monai.transforms import CropForegroundd
 from monai.utils import ensure_tuple_rep
+
+from covid_monai.transforms.utils import voxel_spacing
 
 __all__ = ["AboveOrAll", "CropForegroundMMd"]
 
@@ -66,7 +66,7 @@ class CropForegroundMMd(CropForegroundd):
         """Set the voxel margin from the source's spacing, then crop as ``CropForegroundd``."""
         source = data[self.source_key]
         ndim = len(source.shape) - 1
-        spacing = affine_to_spacing(source.affine, r=ndim) if isinstance(source, MetaTensor) else np.ones(ndim)
+        spacing = voxel_spacing(source, ndim)
         margins = ensure_tuple_rep(self.margin_mm, ndim)
         self.cropper.margin = [
             int(math.ceil(float(m) / max(float(s), 1e-6))) for m, s in zip(margins, spacing, strict=True)

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.data.utils import affine_to_spacing
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 from scipy import ndimage
 
 from covid_monai.distance import nearest_label, within_distance
 from covid_monai.parallel import map_slabs
-from covid_monai.transforms.utils import _as_numpy, bounding_box
+from covid_monai.transforms.utils import _as_numpy, bounding_box, voxel_spacing
 
 __all__ = ["AddInfectionToLungsd", "RestrictToLungsd"]
 
@@ -91,7 +90,7 @@ class RestrictToLungsd(MapTransform):
     def _spacing(self, lungs: Any, pred: Any, ndim: int) -> np.ndarray:
         for value in (lungs, pred):
             if isinstance(value, MetaTensor):
-                return _spacing_of(value, ndim)
+                return voxel_spacing(value, ndim)
         if self.pixdim is not None:
             return np.asarray(ensure_tuple_rep(self.pixdim, ndim), dtype=np.float64)
         return np.ones(ndim, dtype=np.float64)
@@ -178,13 +177,6 @@ class RestrictToLungsd(MapTransform):
         return d
 
 
-def _spacing_of(value: Any, ndim: int) -> np.ndarray:
-    """Voxel size (mm) from a MetaTensor's affine; 1 mm per axis for plain arrays."""
-    if isinstance(value, MetaTensor):
-        return np.asarray(affine_to_spacing(value.affine, r=ndim), dtype=np.float64)
-    return np.ones(ndim, dtype=np.float64)
-
-
 def _components_touching(pred: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Per channel, the 26-connected components of ``pred`` that have at least one voxel in ``region``.
 
@@ -240,6 +232,6 @@ class AddInfectionToLungsd(MapTransform):
                 lung_box = lungs[box]
                 if lung_box.any():
                     grow = outside[box]
-                    lung_box[grow] = nearest_label(lung_box, _spacing_of(lungs_value, lungs.ndim))[grow]
+                    lung_box[grow] = nearest_label(lung_box, voxel_spacing(lungs_value, lungs.ndim))[grow]
             d[key], *_ = convert_to_dst_type(lungs[None], lungs_value, dtype=np.uint8)
         return d

@@ -1,4 +1,4 @@
-"""Helpers the transforms share: the bounding box of a mask, arrays from tensors."""
+"""Helpers the transforms share: the bounding box of a mask, the voxel size of a value, arrays from tensors."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.transforms.utils import generate_spatial_bounding_box
 
-__all__ = ["bounding_box"]
+__all__ = ["bounding_box", "voxel_spacing"]
 
 
 def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[slice, ...]:
@@ -24,6 +26,18 @@ def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[sli
     start, end = generate_spatial_bounding_box(mask, margin=margin, allow_smaller=True)
     return tuple(slice(int(a), int(b)) for a, b in zip(start, end, strict=True))
 
+
+
+def voxel_spacing(value: Any, ndim: int) -> np.ndarray:
+    """Voxel size (mm, float64) of the last ``ndim`` axes: from a MetaTensor's affine, 1 per axis for other values.
+
+    Example:
+        >>> voxel_spacing(MetaTensor(torch.zeros(1, 2, 2), affine=torch.diag(torch.tensor([0.5, 2.0, 1.0, 1.0]))), 2)
+        array([0.5, 2. ])
+    """
+    if isinstance(value, MetaTensor):
+        return np.asarray(affine_to_spacing(value.affine, r=ndim), dtype=np.float64)
+    return np.ones(ndim, dtype=np.float64)
 
 
 def _as_numpy(value: Any) -> np.ndarray:
