@@ -102,7 +102,8 @@ class RestrictToLungsd(MapTransform):
 
         The distance transform runs on the lungs' bounding box padded by the largest limit, in slabs of the last
         axis that overlap by that limit: exact for every distance up to the limit, with memory bounded by one slab
-        per thread whatever the number of slices (slabs run side by side, :func:`~covid_monai.parallel.map_slabs`).
+        whatever the number of slices. Slabs run one after the other, each transform on every thread
+        (:mod:`covid_monai.distance`).
         With ``where`` (the voxels whose distance matters: the prediction outside the lungs) it runs only on the
         part of that box within the largest limit of ``where``: the result is exact on ``where`` and on the lungs
         (always within every limit), which is all a prediction needs, and costs nothing when the prediction lies
@@ -125,11 +126,11 @@ class RestrictToLungsd(MapTransform):
         def fill_slab(part: slice) -> None:  # writes only its own slices of ``near``
             low, high = max(start, part.start - margin[-1]), min(end, part.stop + margin[-1])
             window = (*box[:-1], slice(low, high))
-            inside = within_distance(lungs[window], spacing, limits_mm)  # edt holds the GIL: slabs take turns
+            inside = within_distance(lungs[window], spacing, limits_mm)
             for out, limit in zip(near, inside, strict=True):
                 out[(*box[:-1], part)] = limit[..., part.start - low : part.stop - low]
 
-        map_slabs(fill_slab, end, step, start=start)
+        map_slabs(fill_slab, end, step, start=start, threads=1)  # edt holds the GIL: threads would only take turns
         return near
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
