@@ -155,7 +155,8 @@ def check_training_data(
     """Check every training and validation case before training starts; report all problems together.
 
     Checks: files exist and load; image and label are 3D with the same shape and affine; label values within
-    ``label_values``; the training set is not entirely empty of infection.
+    ``label_values``; the training set is not entirely empty of infection. A binary label stored as floating point
+    may also be a soft target (e.g. a teacher model's probability map): any value from 0 to 1.
 
     Args:
         datalist: from :func:`build_datalist`.
@@ -191,7 +192,10 @@ def check_training_data(
                 problems.append(f"{label_path}: affine differs from its image's (max diff "
                                 f"{np.abs(image.affine - label.affine).max():.3g} mm)")
             values = np.unique(label_data)
-            bad = [v for v in values.tolist() if v not in label_values]
+            if tuple(label_values) == (0, 1) and np.issubdtype(label.get_data_dtype(), np.floating):
+                bad = [v for v in values.tolist() if not 0.0 <= v <= 1.0]
+            else:
+                bad = [v for v in values.tolist() if v not in label_values]
             if bad:
                 problems.append(f"{label_path}: label values {bad[:5]} outside the expected {list(label_values)}")
             if split == "training" and np.any(label_data > 0):

@@ -16,6 +16,10 @@ Finally the recipe trains on all 50 slices and writes ``OUT/bundle``. Determinis
 
 With ``--unlabelled DIR`` (``images/`` and ``pseudo_masks/``, e.g. COVID-SemiSeg's 1,600 pseudo-labelled slices) a
 model first trains on those slices (they only ever train), and every fold and the final model fine-tune from it.
+With ``--self-training`` as well, each fold's model is a teacher: it labels a share of the unlabelled slices with its
+own probability maps (soft targets), and a student starts from the teacher's weights and trains on mixed batches of
+the fold's labelled slices and the teacher-labelled ones. The teacher of fold k has never seen fold k's test slices;
+both are scored on them (the teacher's figures as ``teacher_<metric>``).
 
 Example:
     python scripts/bench_semiseg.py --data ../shared/data/covid_semiseg/train --out runs/semiseg \
@@ -29,10 +33,12 @@ import json
 import logging
 import platform
 import random
+import re
 import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +120,28 @@ RECIPES = {"cpu": (RECIPE, PRETRAIN_EPOCHS, FINE_TUNE_EPOCHS), "gpu": (GPU_RECIP
                                                                        GPU_FINE_TUNE_EPOCHS)}
 """``--recipe`` name: (knobs, pre-training epochs, fine-tuning epochs)."""
 
+
+
+@dataclass(frozen=True)
+class SelfTraining:
+    """How a fold's model (the teacher) teaches a student on the unlabelled slices (``--self-training``).
+
+    Attributes:
+        every: the teacher labels every ``every``-th unlabelled slice in natural order (COVID-SemiSeg's 1,600 are
+            20 runs of 80 contiguous slices, so 8 gives 200 slices, 10 from every volume).
+        labelled_repeats: each labelled slice appears this many times per student epoch, so batches mix labelled
+            and teacher-labelled slices about equally (40 x 5 against 200).
+        epochs: student epochs over that list (4 x 400 slices = 400 steps of 4, half the teacher's fine-tuning).
+        learning_rate: the student's starting learning rate (cosine to 5 % of it); it starts from the teacher's
+            weights, so it is half the recipe's.
+    """
+
+    every: int = 8
+    labelled_repeats: int = 5
+    epochs: int = 4
+    learning_rate: float = 0.001
+
+
 INFERENCE_ONLY_KNOBS = ("threshold", "tta_flips", "min_lesion_ml")
 """Knobs that change inference but not training: ``--reuse-models`` scores them on already trained folds."""
 
@@ -188,13 +216,16 @@ def train_and_score(
     reuse_model: Path | None = None,
     resume: bool = False,
     device: str = "cpu",
+    teaching: tuple[SelfTraining, Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Train on ``train`` (an eighth validates), segment ``test``, return per-image metrics.
 
     With ``reuse_model`` (a fold bundle of an earlier run, same split) nothing is trained: that model segments
     ``test`` with this run's inference knobs (test-time flips, threshold...), so inference-side changes are scored
     on the very same trained folds. With ``resume`` an interrupted training continues from its last epoch (a
-    finished one is only scored).
+    finished one is only scored). With ``teaching`` (the settings and the converted unlabelled slices' folder) the
+    trained (or reused) model is a teacher: a student learns from it (:func:`self_train`) and the rows are the
+    student's, with the teacher's scores beside them as ``teacher_<metric>``.
     """
     if reuse_model is None:
         last_epoch = int(knobs["val_interval"]) > int(knobs["epochs"])
@@ -206,14 +237,80 @@ def train_and_score(
         bundle = create_bundle(out / "bundle", knobs)
         (bundle / "models").mkdir(exist_ok=True)
         shutil.copy2(reuse_model / "models" / "model.pt", bundle / "models" / "model.pt")
+    student = None
+    if teaching is not None:
+        settings, unlabelled = teaching
+        student = self_train(bundle, root, train, unlabelled, out / "student", knobs, settings, seed, resume, device)
     if not test:
         return []
+    rows = _score(root, test, out, bundle, device)
+    if student is None:
+        return rows
+    teacher = {r["case"]: r for r in rows}
+    rows = _score(root, test, out / "student", student, device)
+    for row in rows:
+        row.update({f"teacher_{k}": v for k, v in teacher[row["case"]].items() if k != "case"})
+    return rows
+
+
+def _score(root: Path, test: Sequence[str], out: Path, bundle: Path, device: str) -> list[dict[str, Any]]:
+    """Per-image metrics of ``bundle`` on the ``test`` slices and on the same slices turned by 90 degrees."""
     rows = {name: {"case": name, **scores}
             for name, scores in _segment_and_score(root, test, out / "pred", bundle, device)}
     turned = turn_slices(root, out / "turned", test)
     for name, scores in _segment_and_score(turned, test, out / "pred_turned", bundle, device):
         rows[name].update({f"turned_{k}": v for k, v in scores.items() if k in TURNED_METRICS})
     return [rows[name] for name in test]
+
+
+def self_train(
+    teacher: Path,
+    root: Path,
+    train: Sequence[str],
+    unlabelled: Path,
+    out: Path,
+    knobs: dict[str, Any],
+    settings: SelfTraining,
+    seed: int,
+    resume: bool = False,
+    device: str = "cpu",
+) -> Path:
+    """Train a student from ``teacher`` on mixed batches of labelled and teacher-labelled slices; return its bundle.
+
+    The teacher segments every ``settings.every``-th slice of ``unlabelled/images`` and its probability maps (with
+    the recipe's test-time flips) are the soft targets of those slices; nothing else of them is used. The student
+    starts from the teacher's weights and trains on the labelled ``train`` slices of ``root`` (each repeated
+    ``settings.labelled_repeats`` times) with the teacher-labelled ones, for ``settings.epochs`` epochs, keeping
+    the last. Labelling resumes where it stopped; a finished student is reused.
+    """
+    images = sorted((unlabelled / "images").glob("*.nii.gz"), key=lambda p: _natural_key(p.name))
+    chosen = images[:: settings.every]
+    if not chosen:
+        raise RuntimeError(f"{unlabelled / 'images'}: no unlabelled slice for the teacher to label")
+    labels = out / "teacher_labels"
+    results = run_batch(chosen, labels, teacher, device=device, workers=0, save_probabilities=True,
+                        progress=False)
+    failed = [r for r in results if r.status not in ("ok", "skipped")]
+    if failed:
+        raise RuntimeError(f"the teacher failed on {failed[0].input}: {failed[0].error}")
+    labelled = [{"image": str(root / "images" / f"{n}.nii.gz"), "label": str(root / "labels" / f"{n}.nii.gz")}
+                for n in sorted(train, key=_natural)]
+    taught = [{"image": str(p), "label": str(labels / p.name.replace(".nii.gz", "_probability.nii.gz"))}
+              for p in chosen]
+    write_datalist({"training": labelled * settings.labelled_repeats + taught, "validation": labelled[:1]},
+                   out / "datalist.json")
+    student_knobs = {**knobs, "epochs": settings.epochs, "val_interval": settings.epochs + 1,
+                     "learning_rate": settings.learning_rate, "init_weights": str((teacher / "models" /
+                                                                                    "model.pt").resolve())}
+    bundle = out / "bundle"
+    done = out / "student.json"
+    if done.is_file() and (bundle / "models" / "model.pt").is_file() and \
+            json.loads(done.read_text())["knobs"] == student_knobs:
+        return bundle
+    resume = resume and (bundle / "models" / "latest.pt").is_file()
+    train_bundle(out / "datalist.json", bundle, student_knobs, device=device, seed=seed, resume=resume)
+    done.write_text(json.dumps({"knobs": student_knobs, "taught_slices": len(taught)}, indent=1) + "\n")
+    return bundle
 
 
 TURNED_METRICS = ("dice", "infnet_dice", "mask_dice")
@@ -346,6 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", choices=("binary", "multiclass"), default="binary",
                         help="binary: DATA/masks (infection); multiclass: DATA/masks_multiclass (1 ground glass, "
                              "2 consolidation), a 3-class network, per-class Dice per image")
+    parser.add_argument("--self-training", action="store_true",
+                        help="with --unlabelled: every fold's model (and the final model) teaches a student on "
+                             "the unlabelled slices it labels (SelfTraining); the student's scores are the fold's, "
+                             "the teacher's are kept as teacher_<metric>")
+    parser.add_argument("--self-training-epochs", type=int, metavar="N",
+                        help=f"student epochs (default {SelfTraining.epochs}; quick runs)")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from covid_monai.bundle import parse_overrides
@@ -368,6 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = args.out.resolve()  # the datalists name files by absolute path
     if args.no_cv and args.no_final:
         parser.error("--no-cv with --no-final leaves nothing to do")
+    if args.self_training and not args.unlabelled:
+        parser.error("--self-training needs --unlabelled DIR: the slices the teacher labels")
+    if args.self_training and args.labels == "multiclass":
+        parser.error("--self-training is binary only: the teacher's soft targets are one infection probability")
+    settings = SelfTraining(epochs=args.self_training_epochs or SelfTraining.epochs)
     started = time.perf_counter()
     result: dict[str, Any] = {"experiment": args.name, "recipe": args.recipe, "device": device,
                               "reused_models": str(args.reuse_models) if args.reuse_models else None}
@@ -376,6 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          args.pretrain_epochs or pretrain_epochs, args.seed, args.resume, device)
         knobs["init_weights"] = str(weights.resolve())
         result["pretrain"] = json.loads((args.out / "pretrain" / "pretrain.json").read_text())
+    teaching = (settings, args.out / "pretrain" / "nifti") if args.self_training else None
+    if teaching:
+        result["self_training"] = asdict(settings)
     root = args.out / "nifti"
     masks = args.data / ("masks_multiclass" if args.labels == "multiclass" else "masks")
     converted = convert(args.data / "images", root, masks=masks, labels=args.labels)
@@ -386,14 +497,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         fold_started = time.perf_counter()
         reuse = args.reuse_models / f"fold{k}" / "bundle" if args.reuse_models else None
         scored = args.out / f"fold{k}" / "scores.json"
-        if args.resume and scored.is_file() and json.loads(scored.read_text())["knobs"] == knobs:
+        if args.resume and scored.is_file() and json.loads(scored.read_text())["knobs"] == knobs and \
+                json.loads(scored.read_text()).get("self_training") == result.get("self_training"):
             saved = json.loads(scored.read_text())
             rows, fold_started = saved["rows"], time.perf_counter() - 60 * saved["minutes"]
         else:
             rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse, args.resume,
-                                   device)
+                                   device, teaching)
             minutes = (time.perf_counter() - fold_started) / 60
-            scored.write_text(json.dumps({"knobs": knobs, "rows": rows, "minutes": minutes}, indent=1) + "\n")
+            scored.write_text(json.dumps({"knobs": knobs, "self_training": result.get("self_training"),
+                                          "rows": rows, "minutes": minutes}, indent=1) + "\n")
         summary = {m: _mean([r.get(m) for r in rows]) for m in rows[0] if m != "case"}
         per_fold.append({"fold": k, "n": len(rows), "minutes": (time.perf_counter() - fold_started) / 60, **summary})
         per_image += [{**r, "fold": k} for r in rows]
@@ -411,8 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     })
     if not args.no_final:
         final_started = time.perf_counter()
-        train_and_score(root, names, [], args.out, knobs, args.seed, resume=args.resume, device=device)
-        result["final_bundle"] = str((args.out / "bundle").resolve())
+        train_and_score(root, names, [], args.out, knobs, args.seed, resume=args.resume, device=device,
+                        teaching=teaching)
+        final = args.out / ("student/bundle" if teaching else "bundle")
+        result["final_bundle"] = str(final.resolve())
         result["final_minutes"] = (time.perf_counter() - final_started) / 60
     result["minutes"] = (time.perf_counter() - started) / 60
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -432,11 +547,20 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(per image, over the images holding the class)")
     print(f"turned by 90 degrees: Dice@0.5 {mean['turned_dice']:.4f}, Inf-Net Dice {mean['turned_infnet_dice']:.4f}, "
           f"mask Dice {mean['turned_mask_dice']:.4f}")
+    if teaching:
+        print(f"teachers (the same folds before self-training): Dice@0.5 {mean['teacher_dice']:.4f}, Inf-Net Dice "
+              f"{mean['teacher_infnet_dice']:.4f}, mask Dice {mean['teacher_mask_dice']:.4f}, turned Dice@0.5 "
+              f"{mean['teacher_turned_dice']:.4f}")
     return 0
 
 
 def _natural(name: str) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (10**9, name)
+
+
+def _natural_key(name: str) -> list[int | str]:
+    """Sort key that orders the numbers inside a name by value (``a_2`` before ``a_10``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 if __name__ == "__main__":

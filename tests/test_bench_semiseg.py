@@ -150,3 +150,40 @@ def test_turned_slices_are_the_pictures_turned_by_90_degrees_in_the_same_geometr
         np.testing.assert_array_equal(np.asanyarray(turned.dataobj), np.rot90(picture, 1, axes=(0, 1)))
         np.testing.assert_allclose(turned.affine, affine)
     assert (root / "images" / "7.nii.gz").is_file()  # the input is left as it was
+
+
+def test_self_training_teaches_a_student_per_fold_from_its_own_teacher(six_slices, tmp_path):
+    """--self-training: each fold's model labels unlabelled slices it never saw as labelled data, a student trains
+    on both from the teacher's weights, and both are scored on the fold's test slices."""
+    source = shared_data("covid_semiseg", "unlabelled")
+    unlabelled = tmp_path / "unlabelled"
+    names = sorted(p.stem for p in (source / "images").glob("*.jpg"))[:16]
+    for sub, suffix in (("images", ".jpg"), ("pseudo_masks", ".png")):
+        (unlabelled / sub).mkdir(parents=True)
+        for name in names:
+            shutil.copy(source / sub / f"{name}{suffix}", unlabelled / sub / f"{name}{suffix}")
+    out = tmp_path / "run"
+    args = ["--data", str(six_slices), "--out", str(out), "--folds", "3", "--epochs", "1", "--unlabelled",
+            str(unlabelled), "--pretrain-epochs", "1", "--self-training", "--self-training-epochs", "1"]
+    assert bench_semiseg.main(args + TINY) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["self_training"]["every"] == bench_semiseg.SelfTraining.every
+    fold = out / "fold0" / "student"
+    labelled = json.loads((out / "fold0" / "datalist.json").read_text())["training"]
+    taught = json.loads((fold / "datalist.json").read_text())["training"]
+    n_taught = len(range(0, 16, bench_semiseg.SelfTraining.every))
+    assert len(taught) == len(labelled) * bench_semiseg.SelfTraining.labelled_repeats + n_taught
+    # the soft targets are the teacher's probability maps, in the unlabelled slices' own grid
+    target = taught[-1]["label"]
+    assert target.endswith("_probability.nii.gz") and str(fold / "teacher_labels") in target
+    soft = np.asarray(nib.load(target).dataobj)
+    assert soft.dtype == np.float32 and 0.0 <= soft.min() and soft.max() <= 1.0
+    assert soft.shape == nib.load(taught[-1]["image"]).shape
+    # the student starts from its own fold's teacher, not from another fold's or the pre-training
+    student_knobs = json.loads((fold / "student.json").read_text())["knobs"]
+    assert student_knobs["init_weights"] == str((out / "fold0" / "bundle" / "models" / "model.pt").resolve())
+    for row in result["per_image"]:
+        assert {"dice", "teacher_dice", "teacher_turned_dice"} <= set(row)
+    assert result["mean"]["dice"] != result["mean"]["teacher_dice"]  # the student is another model
+    assert result["final_bundle"] == str((out / "student" / "bundle").resolve())
+    assert (out / "student" / "bundle" / "models" / "model.pt").is_file()

@@ -80,3 +80,20 @@ def test_check_refuses_training_set_without_infection(tmp_path):
         _save(path, np.zeros((8, 8, 4), np.uint8))
     with pytest.raises(DataCheckError, match="no case has any infection"):
         check_training_data(build_datalist(root, 0.34))
+
+
+def test_float_binary_labels_may_be_soft_targets_within_0_and_1(tmp_path):
+    """A teacher's probability map (float, 0..1) is a valid binary training target; 255 or -0.1 are not."""
+    root = _dataset(tmp_path, n=3)
+    soft = np.random.default_rng(0).uniform(0, 1, (8, 8, 4)).astype(np.float32)
+    _save(root / "labels" / "case0.nii.gz", soft)
+    check_training_data(build_datalist(root, 0.34))
+    soft[0, 0, 0] = 1.5
+    _save(root / "labels" / "case0.nii.gz", soft)
+    with pytest.raises(DataCheckError) as err:
+        check_training_data(build_datalist(root, 0.34))
+    assert "case0.nii.gz: label values [1.5]" in str(err.value)
+    soft[0, 0, 0] = 0.5
+    _save(root / "labels" / "case0.nii.gz", soft)
+    with pytest.raises(DataCheckError, match="case0.nii.gz: label values"):  # multi-class labels are never soft
+        check_training_data(build_datalist(root, 0.34), label_values=(0, 1, 2))
