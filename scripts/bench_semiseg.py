@@ -428,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="continue an interrupted run in OUT: scored folds are kept, trainings continue")
     parser.add_argument("--reuse-models", type=Path, metavar="RUN",
                         help="an earlier run's OUT: score its fold models with this run's inference knobs "
-                             f"({', '.join(INFERENCE_ONLY_KNOBS)}) instead of training (same --seed and --folds)")
+                             f"({', '.join(INFERENCE_ONLY_KNOBS)}) instead of training (same --seed and --folds); "
+                             "with --self-training they are the teachers")
     parser.add_argument("--unlabelled", type=Path, metavar="DIR",
                         help="pre-train on DIR/images with DIR/pseudo_masks first (once), then fine-tune every fold "
                              "and the final model from those weights; they only ever train")
@@ -448,7 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "the unlabelled slices it labels (SelfTraining); the student's scores are the fold's, "
                              "the teacher's are kept as teacher_<metric>")
     parser.add_argument("--self-training-epochs", type=int, metavar="N",
-                        help=f"student epochs (default {SelfTraining.epochs}; quick runs)")
+                        help=f"student epochs (default {SelfTraining.epochs})")
+    parser.add_argument("--self-training-every", type=int, metavar="N",
+                        help=f"the teacher labels every N-th unlabelled slice (default {SelfTraining.every})")
+    parser.add_argument("--self-training-repeats", type=int, metavar="N",
+                        help=f"labelled slices per student epoch, each repeated N times (default "
+                             f"{SelfTraining.labelled_repeats})")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from covid_monai.bundle import parse_overrides
@@ -475,11 +481,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--self-training needs --unlabelled DIR: the slices the teacher labels")
     if args.self_training and args.labels == "multiclass":
         parser.error("--self-training is binary only: the teacher's soft targets are one infection probability")
-    settings = SelfTraining(epochs=args.self_training_epochs or SelfTraining.epochs)
+    settings = SelfTraining(every=args.self_training_every or SelfTraining.every,
+                            labelled_repeats=args.self_training_repeats or SelfTraining.labelled_repeats,
+                            epochs=args.self_training_epochs or SelfTraining.epochs)
     started = time.perf_counter()
     result: dict[str, Any] = {"experiment": args.name, "recipe": args.recipe, "device": device,
                               "reused_models": str(args.reuse_models) if args.reuse_models else None}
-    if args.unlabelled:
+    if args.unlabelled and args.reuse_models:  # the reused models were pre-trained: their knobs say on what
+        convert(args.unlabelled / "images", args.out / "pretrain" / "nifti", masks=args.unlabelled / "pseudo_masks")
+    elif args.unlabelled:
         weights = pretrain_on_unlabelled(args.unlabelled, args.out / "pretrain", knobs,
                                          args.pretrain_epochs or pretrain_epochs, args.seed, args.resume, device)
         knobs["init_weights"] = str(weights.resolve())

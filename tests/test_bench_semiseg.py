@@ -187,3 +187,15 @@ def test_self_training_teaches_a_student_per_fold_from_its_own_teacher(six_slice
     assert result["mean"]["dice"] != result["mean"]["teacher_dice"]  # the student is another model
     assert result["final_bundle"] == str((out / "student" / "bundle").resolve())
     assert (out / "student" / "bundle" / "models" / "model.pt").is_file()
+
+    # an earlier run's fold models as the teachers: no pre-training, another share of the slices labelled
+    again = tmp_path / "reused"
+    assert bench_semiseg.main(["--data", str(six_slices), "--out", str(again), "--folds", "3", "--reuse-models",
+                               str(out), "--unlabelled", str(unlabelled), "--self-training", "--self-training-every",
+                               "4", "--self-training-repeats", "1", "--self-training-epochs", "1"]) == 0
+    assert not (again / "pretrain" / "bundle").exists()
+    taught = json.loads((again / "fold1" / "student" / "datalist.json").read_text())["training"]
+    assert len(taught) == len(labelled) + 4
+    reused = json.loads((again / "results.json").read_text())
+    assert reused["self_training"] == {"every": 4, "labelled_repeats": 1, "epochs": 1, "learning_rate": 0.001}
+    assert reused["mean"]["teacher_dice"] == pytest.approx(result["mean"]["teacher_dice"])  # the same teachers
