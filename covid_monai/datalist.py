@@ -150,19 +150,23 @@ def _absolute(item: Mapping[str, Any], base: Path) -> dict[str, str]:
 
 
 def check_training_data(
-    datalist: Mapping[str, Sequence[Mapping[str, str]]], label_values: Sequence[int] = (0, 1), atol: float = 1e-3
+    datalist: Mapping[str, Sequence[Mapping[str, str]]],
+    label_values: Sequence[int] = (0, 1),
+    atol: float = 1e-3,
+    soft_labels: bool = False,
 ) -> None:
     """Check every training and validation case before training starts; report all problems together.
 
     Checks: files exist and load; image and label are 3D with the same shape and affine; label values within
-    ``label_values``; the training set is not entirely empty of infection. A binary label stored as floating point
-    may also be a soft target (e.g. a teacher model's probability map): any value from 0 to 1.
+    ``label_values``; the training set is not entirely empty of infection.
 
     Args:
         datalist: from :func:`build_datalist`.
         label_values: allowed label values (0 background, 1 infection; 255 is accepted and binarised by
             nothing, so it is reported).
         atol: tolerance on affine differences (mm).
+        soft_labels: a label stored as floating point may also be a soft target (e.g. a teacher model's
+            probability map): any value from the lowest to the highest of ``label_values`` (binary training).
 
     Raises:
         DataCheckError: one line per problem, each naming the case file.
@@ -192,8 +196,8 @@ def check_training_data(
                 problems.append(f"{label_path}: affine differs from its image's (max diff "
                                 f"{np.abs(image.affine - label.affine).max():.3g} mm)")
             values = np.unique(label_data)
-            if tuple(label_values) == (0, 1) and np.issubdtype(label.get_data_dtype(), np.floating):
-                bad = [v for v in values.tolist() if not 0.0 <= v <= 1.0]
+            if soft_labels and np.issubdtype(label.get_data_dtype(), np.floating):
+                bad = [v for v in values.tolist() if not min(label_values) <= v <= max(label_values)]
             else:
                 bad = [v for v in values.tolist() if v not in label_values]
             if bad:

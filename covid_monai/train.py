@@ -64,7 +64,8 @@ def train_bundle(
         datalist = json.loads(datalist_path.read_text())
     else:
         datalist = build_datalist(data, val_fraction=val_fraction, seed=seed)
-    check_training_data(datalist, label_values=(0, 1, 2) if knobs.get("labels") == "multiclass" else (0, 1))
+    multiclass = knobs.get("labels") == "multiclass"
+    check_training_data(datalist, label_values=(0, 1, 2) if multiclass else (0, 1), soft_labels=not multiclass)
     create_bundle(out, knobs)
     write_datalist(datalist, datalist_path)
     torch_device = resolve_device(device)

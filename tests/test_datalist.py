@@ -87,12 +87,14 @@ def test_float_binary_labels_may_be_soft_targets_within_0_and_1(tmp_path):
     root = _dataset(tmp_path, n=3)
     soft = np.random.default_rng(0).uniform(0, 1, (8, 8, 4)).astype(np.float32)
     _save(root / "labels" / "case0.nii.gz", soft)
-    check_training_data(build_datalist(root, 0.34))
+    check_training_data(build_datalist(root, 0.34), soft_labels=True)
     soft[0, 0, 0] = 1.5
     _save(root / "labels" / "case0.nii.gz", soft)
     with pytest.raises(DataCheckError) as err:
-        check_training_data(build_datalist(root, 0.34))
+        check_training_data(build_datalist(root, 0.34), soft_labels=True)
     assert "case0.nii.gz: label values [1.5]" in str(err.value)
+    with pytest.raises(DataCheckError, match=r"case0.nii.gz: label values \[0\.0"):  # without soft labels: 0 or 1
+        check_training_data(build_datalist(root, 0.34))
     soft[0, 0, 0] = 0.5
     _save(root / "labels" / "case0.nii.gz", soft)
     with pytest.raises(DataCheckError, match="case0.nii.gz: label values"):  # multi-class labels are never soft
