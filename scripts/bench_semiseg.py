@@ -33,7 +33,6 @@ import json
 import logging
 import platform
 import random
-import re
 import shutil
 import sys
 import time
@@ -54,7 +53,7 @@ from covid_monai.evaluate import compute_case_metrics  # noqa: E402
 from covid_monai.inference import run_batch  # noqa: E402
 from covid_monai.io import save_nifti_like  # noqa: E402
 from covid_monai.train import train_bundle  # noqa: E402
-from scripts.convert_slices import convert  # noqa: E402
+from scripts.convert_slices import convert, natural_key  # noqa: E402
 
 logger = logging.getLogger("bench_semiseg")
 
@@ -119,7 +118,6 @@ GPU_PRETRAIN_EPOCHS, GPU_FINE_TUNE_EPOCHS = 20, 200
 RECIPES = {"cpu": (RECIPE, PRETRAIN_EPOCHS, FINE_TUNE_EPOCHS), "gpu": (GPU_RECIPE, GPU_PRETRAIN_EPOCHS,
                                                                        GPU_FINE_TUNE_EPOCHS)}
 """``--recipe`` name: (knobs, pre-training epochs, fine-tuning epochs)."""
-
 
 
 @dataclass(frozen=True)
@@ -192,12 +190,16 @@ def folds(names: Sequence[str], k: int, seed: int) -> list[list[str]]:
     return [sorted(order[i::k]) for i in range(k)]
 
 
+def _item(root: Path, name: str) -> dict[str, str]:
+    """The datalist entry of the converted slice ``name``: ``root/images`` and ``root/labels``."""
+    return {"image": str(root / "images" / f"{name}.nii.gz"), "label": str(root / "labels" / f"{name}.nii.gz")}
+
+
 def _datalist(root: Path, train: Sequence[str], n_val: int, seed: int) -> dict[str, list[dict[str, str]]]:
     """A seeded split of ``train`` into training and ``n_val`` validation cases (``n_val`` 0: train on all)."""
     order = list(train)
     random.Random(seed + 1).shuffle(order)
-    items = {n: {"image": str(root / "images" / f"{n}.nii.gz"), "label": str(root / "labels" / f"{n}.nii.gz")}
-             for n in order}
+    items = {n: _item(root, n) for n in order}
     if n_val == 0:  # the bundle wants a validation list; it is never run (val_interval > epochs)
         return {"training": [items[n] for n in sorted(order)], "validation": [items[sorted(order)[0]]]}
     return {
@@ -283,7 +285,7 @@ def self_train(
     ``settings.labelled_repeats`` times) with the teacher-labelled ones, for ``settings.epochs`` epochs, keeping
     the last. Labelling resumes where it stopped; a finished student is reused.
     """
-    images = sorted((unlabelled / "images").glob("*.nii.gz"), key=lambda p: _natural_key(p.name))
+    images = sorted((unlabelled / "images").glob("*.nii.gz"), key=natural_key)
     chosen = images[:: settings.every]
     if not chosen:
         raise RuntimeError(f"{unlabelled / 'images'}: no unlabelled slice for the teacher to label")
@@ -293,8 +295,7 @@ def self_train(
     failed = [r for r in results if r.status not in ("ok", "skipped")]
     if failed:
         raise RuntimeError(f"the teacher failed on {failed[0].input}: {failed[0].error}")
-    labelled = [{"image": str(root / "images" / f"{n}.nii.gz"), "label": str(root / "labels" / f"{n}.nii.gz")}
-                for n in sorted(train, key=_natural)]
+    labelled = [_item(root, n) for n in sorted(train, key=_natural)]
     taught = [{"image": str(p), "label": str(labels / p.name.replace(".nii.gz", "_probability.nii.gz"))}
               for p in chosen]
     write_datalist({"training": labelled * settings.labelled_repeats + taught, "validation": labelled[:1]},
@@ -304,8 +305,7 @@ def self_train(
                                                                                     "model.pt").resolve())}
     bundle = out / "bundle"
     done = out / "student.json"
-    if done.is_file() and (bundle / "models" / "model.pt").is_file() and \
-            json.loads(done.read_text())["knobs"] == student_knobs:
+    if _finished(done, bundle / "models" / "model.pt", student_knobs):
         return bundle
     resume = resume and (bundle / "models" / "latest.pt").is_file()
     train_bundle(out / "datalist.json", bundle, student_knobs, device=device, seed=seed, resume=resume)
@@ -395,7 +395,7 @@ def pretrain_on_unlabelled(
     knobs = {k: v for k, v in knobs.items() if k != "labels"}  # the pseudo-masks are binary: so is pre-training
     knobs.update({"epochs": epochs, "val_interval": epochs + 1, "init_weights": ""})
     weights = out / "bundle" / "models" / "model.pt"
-    if done.is_file() and weights.is_file() and json.loads(done.read_text())["knobs"] == knobs:
+    if _finished(done, weights, knobs):
         return weights
     started = time.perf_counter()
     nifti = out / "nifti"
@@ -409,6 +409,12 @@ def pretrain_on_unlabelled(
     done.write_text(json.dumps({"knobs": knobs, "slices": len(names), "minutes": minutes}, indent=1) + "\n")
     logger.info("pre-trained on %d pseudo-labelled slices in %.1f min", len(names), minutes)
     return weights
+
+
+def _finished(record: Path, weights: Path, knobs: dict[str, Any]) -> bool:
+    """Whether a training recorded in ``record`` (JSON with its ``knobs``) finished with these knobs and left
+    ``weights``: then it is reused instead of repeated."""
+    return record.is_file() and weights.is_file() and json.loads(record.read_text())["knobs"] == knobs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -507,9 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fold_started = time.perf_counter()
         reuse = args.reuse_models / f"fold{k}" / "bundle" if args.reuse_models else None
         scored = args.out / f"fold{k}" / "scores.json"
-        if args.resume and scored.is_file() and json.loads(scored.read_text())["knobs"] == knobs and \
-                json.loads(scored.read_text()).get("self_training") == result.get("self_training"):
-            saved = json.loads(scored.read_text())
+        saved = json.loads(scored.read_text()) if args.resume and scored.is_file() else {}
+        if saved.get("knobs") == knobs and saved.get("self_training") == result.get("self_training"):
             rows, fold_started = saved["rows"], time.perf_counter() - 60 * saved["minutes"]
         else:
             rows = train_and_score(root, train, test, args.out / f"fold{k}", knobs, args.seed, reuse, args.resume,
@@ -566,11 +571,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _natural(name: str) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (10**9, name)
-
-
-def _natural_key(name: str) -> list[int | str]:
-    """Sort key that orders the numbers inside a name by value (``a_2`` before ``a_10``)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 if __name__ == "__main__":

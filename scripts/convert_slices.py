@@ -54,7 +54,8 @@ log = logging.getLogger("covid_monai.scripts")
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-def _natural_key(path: Path) -> list[Any]:
+def natural_key(path: Path) -> list[Any]:
+    """Sort key of a file by the numbers in its stem by value (``slice_2`` before ``slice_10``), case-insensitive."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.stem)]
 
 
@@ -72,7 +73,7 @@ def list_pictures(folder: str | Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such folder")
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=_natural_key):
+    for path in sorted(folder.iterdir(), key=natural_key):
         if path.suffix.lower() not in PICTURE_SUFFIXES or path.name.startswith(".") or not path.is_file():
             continue
         if path.stem in found:
@@ -238,7 +239,7 @@ def convert(
             pairs.append(name)
         else:
             unlabelled.append(name)
-    orphans = sorted(set(mask_files) - set(pictures), key=lambda s: _natural_key(Path(s)))
+    orphans = sorted(set(mask_files) - set(pictures), key=lambda s: natural_key(Path(s)))
     if masks is not None and unlabelled:
         log.warning("%d image(s) without a mask in %s: %s", len(unlabelled), masks, ", ".join(unlabelled))
     for name in orphans:
