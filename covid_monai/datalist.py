@@ -62,7 +62,8 @@ def build_datalist(
 
     A folder is paired with :func:`pair_images_labels` and split at random (seeded) with at least one case on each
     side. A JSON file is read as is (relative paths resolved against its folder); without a ``validation`` list it
-    is split the same way.
+    is split the same way. A JSON file's ``unlabelled`` list (``{"image": path}`` items, for mean-teacher training)
+    is kept.
 
     Args:
         data: ``images/``+``labels/`` folder, or a datalist JSON.
@@ -70,7 +71,8 @@ def build_datalist(
         seed: random seed of the split.
 
     Returns:
-        ``{"training": [...], "validation": [...]}`` with absolute paths.
+        ``{"training": [...], "validation": [...]}`` with absolute paths (and ``"unlabelled"`` when the JSON
+        file has that list).
     """
     path = Path(data)
     if path.is_file():
@@ -81,8 +83,10 @@ def build_datalist(
         if not isinstance(document, Mapping) or not isinstance(document.get("training"), list):
             raise DataCheckError(f"{path}: a datalist needs a 'training' list of {{'image', 'label'}} items")
         lists = {k: [_absolute(item, path.parent) for item in document.get(k, [])] for k in ("training", "validation")}
+        unlabelled = {"unlabelled": [_absolute(item, path.parent, ("image",)) for item in document["unlabelled"]]
+                      } if "unlabelled" in document else {}
         if lists["validation"]:
-            return lists
+            return {**lists, **unlabelled}
         items = lists["training"]
     else:
         items = pair_images_labels(path)
@@ -95,6 +99,7 @@ def build_datalist(
     return {
         "training": [items[i] for i in sorted(order[n_val:])],
         "validation": [items[i] for i in val],
+        **(unlabelled if path.is_file() else {}),
     }
 
 
@@ -116,12 +121,13 @@ def bundle_datalist(
     Args:
         data_list_file: a Decathlon-style datalist JSON (it need not exist).
         dataset_dir: the data folder.
-        key: ``"training"`` or ``"validation"``.
+        key: ``"training"``, ``"validation"`` or ``"unlabelled"`` (images without labels for mean-teacher
+            training, :mod:`covid_monai.consistency`: only from a datalist file, empty when it has none).
         seed: seed of the split.
         val_fraction: share of cases validating when the folder is split.
 
     Returns:
-        ``[{"image": path, "label": path}]``.
+        ``[{"image": path, "label": path}]`` (``[{"image": path}]`` for ``"unlabelled"``).
 
     Raises:
         DataCheckError: neither a datalist file nor ``images/`` and ``labels/`` that pair up in ``dataset_dir``.
@@ -130,8 +136,11 @@ def bundle_datalist(
         >>> bundle_datalist("configs/datalist.json", "/data/covid19_ct", "validation", seed=0)  # doctest: +SKIP
         [{'image': '/data/covid19_ct/images/case_3.nii.gz', 'label': '/data/covid19_ct/labels/case_3.nii.gz'}]
     """
-    if key not in ("training", "validation"):
-        raise ValueError(f"datalist key {key!r}: use 'training' or 'validation'")
+    if key not in ("training", "validation", "unlabelled"):
+        raise ValueError(f"datalist key {key!r}: use 'training', 'validation' or 'unlabelled'")
+    if key == "unlabelled":
+        if not Path(data_list_file).is_file() or key not in json.loads(Path(data_list_file).read_text()):
+            return []
     if Path(data_list_file).is_file():
         from monai.data import load_decathlon_datalist
 
@@ -143,10 +152,11 @@ def bundle_datalist(
         raise DataCheckError(message) from exc
 
 
-def _absolute(item: Mapping[str, Any], base: Path) -> dict[str, str]:
-    if not isinstance(item, Mapping) or "image" not in item or "label" not in item:
-        raise DataCheckError(f"datalist item {item!r}: needs 'image' and 'label'")
-    return {k: str((base / str(item[k])).resolve()) for k in ("image", "label")}
+def _absolute(item: Mapping[str, Any], base: Path, keys: Sequence[str] = ("image", "label")) -> dict[str, str]:
+    """The item's ``keys`` as absolute paths (relative ones resolved against ``base``)."""
+    if not isinstance(item, Mapping) or any(k not in item for k in keys):
+        raise DataCheckError(f"datalist item {item!r}: needs {' and '.join(repr(k) for k in keys)}")
+    return {k: str((base / str(item[k])).resolve()) for k in keys}
 
 
 def check_training_data(
@@ -158,7 +168,8 @@ def check_training_data(
     """Check every training and validation case before training starts; report all problems together.
 
     Checks: files exist and load; image and label are 3D with the same shape and affine; label values within
-    ``label_values``; the training set is not entirely empty of infection.
+    ``label_values``; the training set is not entirely empty of infection. The images of an ``unlabelled`` list
+    (mean-teacher training) must exist, load and be 3D.
 
     Args:
         datalist: from :func:`build_datalist`.
@@ -174,6 +185,9 @@ def check_training_data(
     problems: list[str] = []
     positives = 0
     for split, items in datalist.items():
+        if split == "unlabelled":
+            _check_unlabelled(items, problems)
+            continue
         for item in items:
             image_path, label_path = Path(item["image"]), Path(item["label"])
             missing = [str(p) for p in (image_path, label_path) if not p.is_file()]
@@ -208,6 +222,18 @@ def check_training_data(
         problems.append("training set: no case has any infection voxel; nothing to learn")
     if problems:
         raise DataCheckError("\n".join(problems))
+
+
+def _check_unlabelled(items: Sequence[Mapping[str, str]], problems: list[str]) -> None:
+    """Add a problem for every unlabelled image that is missing, unreadable or not 3D."""
+    for item in items:
+        path = Path(item["image"])
+        if not path.is_file():
+            problems.append(f"{path}: file missing (unlabelled)")
+            continue
+        image = _load_or_report(path, problems)
+        if image is not None and _shape3(image.shape) is None:
+            problems.append(f"{path}: not a 3D image (shape {image.shape})")
 
 
 def _load_or_report(path: Path, problems: list[str]) -> nib.Nifti1Image | None:
