@@ -132,12 +132,23 @@ class SelfTraining:
         epochs: student epochs over that list (4 x 400 slices = 400 steps of 4, half the teacher's fine-tuning).
         learning_rate: the student's starting learning rate (cosine to 5 % of it); it starts from the teacher's
             weights, so it is half the recipe's.
+        consistency_weight: 0: the teacher labels the slices once, before the student trains (self-training);
+            > 0: a mean teacher instead (``--mean-teacher``, :mod:`covid_monai.consistency`): nothing is labelled
+            beforehand; the student's moving average (``ema_decay``), which starts as the fold's model, teaches it
+            on the fly, with this weight on the consistency loss on every slice.
+        ema_decay: the mean teacher's moving-average decay per step (0.99: about the last 100 of 400 steps).
     """
 
     every: int = 8
     labelled_repeats: int = 5
     epochs: int = 4
     learning_rate: float = 0.001
+    consistency_weight: float = 0.0
+    ema_decay: float = 0.99
+
+
+MEAN_TEACHER_WEIGHT = 1.0
+"""The consistency weight of ``--mean-teacher`` (``--consistency-weight`` overrides it)."""
 
 
 INFERENCE_ONLY_KNOBS = ("threshold", "tta_flips", "min_lesion_ml")
@@ -277,39 +288,47 @@ def self_train(
     resume: bool = False,
     device: str = "cpu",
 ) -> Path:
-    """Train a student from ``teacher`` on mixed batches of labelled and teacher-labelled slices; return its bundle.
+    """Train a student from ``teacher`` on mixed batches of labelled and unlabelled slices; return its bundle.
 
-    The teacher segments every ``settings.every``-th slice of ``unlabelled/images`` and its probability maps (with
-    the recipe's test-time flips) are the soft targets of those slices; nothing else of them is used. The student
-    starts from the teacher's weights and trains on the labelled ``train`` slices of ``root`` (each repeated
-    ``settings.labelled_repeats`` times) with the teacher-labelled ones, for ``settings.epochs`` epochs, keeping
-    the last. Labelling resumes where it stopped; a finished student is reused.
+    Self-training (``settings.consistency_weight`` 0): the teacher segments every ``settings.every``-th slice of
+    ``unlabelled/images`` and its probability maps (with the recipe's test-time flips) are the soft targets of those
+    slices; nothing else of them is used. Mean teacher (> 0): those slices go into the student's datalist unlabelled,
+    and the student's moving average, which starts as the teacher, gives the consistency targets as it trains.
+    Either way the student starts from the teacher's weights and trains on the labelled ``train`` slices of ``root``
+    (each repeated ``settings.labelled_repeats`` times) with the unlabelled ones, for ``settings.epochs`` epochs,
+    keeping the last (the moving average, for the mean teacher). Labelling resumes where it stopped; a finished
+    student is reused.
     """
     images = sorted((unlabelled / "images").glob("*.nii.gz"), key=natural_key)
     chosen = images[:: settings.every]
     if not chosen:
         raise RuntimeError(f"{unlabelled / 'images'}: no unlabelled slice for the teacher to label")
-    labels = out / "teacher_labels"
-    results = run_batch(chosen, labels, teacher, device=device, workers=0, save_probabilities=True,
-                        progress=False)
-    failed = [r for r in results if r.status not in ("ok", "skipped")]
-    if failed:
-        raise RuntimeError(f"the teacher failed on {failed[0].input}: {failed[0].error}")
     labelled = [_item(root, n) for n in sorted(train, key=_natural)]
-    taught = [{"image": str(p), "label": str(labels / p.name.replace(".nii.gz", "_probability.nii.gz"))}
-              for p in chosen]
-    write_datalist({"training": labelled * settings.labelled_repeats + taught, "validation": labelled[:1]},
-                   out / "datalist.json")
     student_knobs = {**knobs, "epochs": settings.epochs, "val_interval": settings.epochs + 1,
                      "learning_rate": settings.learning_rate, "init_weights": str((teacher / "models" /
                                                                                     "model.pt").resolve())}
+    if settings.consistency_weight:
+        student_knobs.update({"consistency_weight": settings.consistency_weight, "ema_decay": settings.ema_decay})
+        write_datalist({"training": labelled * settings.labelled_repeats, "validation": labelled[:1],
+                        "unlabelled": [{"image": str(p)} for p in chosen]}, out / "datalist.json")
+    else:
+        labels = out / "teacher_labels"
+        results = run_batch(chosen, labels, teacher, device=device, workers=0, save_probabilities=True,
+                            progress=False)
+        failed = [r for r in results if r.status not in ("ok", "skipped")]
+        if failed:
+            raise RuntimeError(f"the teacher failed on {failed[0].input}: {failed[0].error}")
+        taught = [{"image": str(p), "label": str(labels / p.name.replace(".nii.gz", "_probability.nii.gz"))}
+                  for p in chosen]
+        write_datalist({"training": labelled * settings.labelled_repeats + taught, "validation": labelled[:1]},
+                       out / "datalist.json")
     bundle = out / "bundle"
     done = out / "student.json"
     if _finished(done, bundle / "models" / "model.pt", student_knobs):
         return bundle
     resume = resume and (bundle / "models" / "latest.pt").is_file()
     train_bundle(out / "datalist.json", bundle, student_knobs, device=device, seed=seed, resume=resume)
-    done.write_text(json.dumps({"knobs": student_knobs, "taught_slices": len(taught)}, indent=1) + "\n")
+    done.write_text(json.dumps({"knobs": student_knobs, "taught_slices": len(chosen)}, indent=1) + "\n")
     return bundle
 
 
@@ -454,6 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --unlabelled: every fold's model (and the final model) teaches a student on "
                              "the unlabelled slices it labels (SelfTraining); the student's scores are the fold's, "
                              "the teacher's are kept as teacher_<metric>")
+    parser.add_argument("--mean-teacher", action="store_true",
+                        help="with --unlabelled: like --self-training, but the student learns from a mean teacher (its "
+                             "own moving average, starting as the fold's model) with a consistency loss on the "
+                             "unlabelled slices instead of labels made beforehand")
+    parser.add_argument("--consistency-weight", type=float, metavar="W",
+                        help=f"the mean teacher's consistency weight (default {MEAN_TEACHER_WEIGHT})")
     parser.add_argument("--self-training-epochs", type=int, metavar="N",
                         help=f"student epochs (default {SelfTraining.epochs})")
     parser.add_argument("--self-training-every", type=int, metavar="N",
@@ -483,13 +508,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = args.out.resolve()  # the datalists name files by absolute path
     if args.no_cv and args.no_final:
         parser.error("--no-cv with --no-final leaves nothing to do")
-    if args.self_training and not args.unlabelled:
-        parser.error("--self-training needs --unlabelled DIR: the slices the teacher labels")
+    if args.self_training and args.mean_teacher:
+        parser.error("--self-training and --mean-teacher are two ways to train the student: choose one")
+    if args.consistency_weight is not None and not args.mean_teacher:
+        parser.error("--consistency-weight is the weight of --mean-teacher")
+    if (args.self_training or args.mean_teacher) and not args.unlabelled:
+        parser.error("--self-training and --mean-teacher need --unlabelled DIR: the student's unlabelled slices")
     if args.self_training and args.labels == "multiclass":
         parser.error("--self-training is binary only: the teacher's soft targets are one infection probability")
+    weight = 0.0
+    if args.mean_teacher:
+        weight = MEAN_TEACHER_WEIGHT if args.consistency_weight is None else args.consistency_weight
+        if weight <= 0:
+            parser.error("--consistency-weight must be > 0")
     settings = SelfTraining(every=args.self_training_every or SelfTraining.every,
                             labelled_repeats=args.self_training_repeats or SelfTraining.labelled_repeats,
-                            epochs=args.self_training_epochs or SelfTraining.epochs)
+                            epochs=args.self_training_epochs or SelfTraining.epochs, consistency_weight=weight)
     started = time.perf_counter()
     result: dict[str, Any] = {"experiment": args.name, "recipe": args.recipe, "device": device,
                               "reused_models": str(args.reuse_models) if args.reuse_models else None}
@@ -500,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          args.pretrain_epochs or pretrain_epochs, args.seed, args.resume, device)
         knobs["init_weights"] = str(weights.resolve())
         result["pretrain"] = json.loads((args.out / "pretrain" / "pretrain.json").read_text())
-    teaching = (settings, args.out / "pretrain" / "nifti") if args.self_training else None
+    teaching = (settings, args.out / "pretrain" / "nifti") if args.self_training or args.mean_teacher else None
     if teaching:
         result["self_training"] = asdict(settings)
     root = args.out / "nifti"

@@ -9,7 +9,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from covid_monai.handlers import averaged_weights
 from scripts import bench_semiseg
 from tests.conftest import shared_data
 
@@ -197,5 +199,33 @@ def test_self_training_teaches_a_student_per_fold_from_its_own_teacher(six_slice
     taught = json.loads((again / "fold1" / "student" / "datalist.json").read_text())["training"]
     assert len(taught) == len(labelled) + 4
     reused = json.loads((again / "results.json").read_text())
-    assert reused["self_training"] == {"every": 4, "labelled_repeats": 1, "epochs": 1, "learning_rate": 0.001}
+    assert reused["self_training"] == {"every": 4, "labelled_repeats": 1, "epochs": 1, "learning_rate": 0.001,
+                                       "consistency_weight": 0.0, "ema_decay": 0.99}
     assert reused["mean"]["teacher_dice"] == pytest.approx(result["mean"]["teacher_dice"])  # the same teachers
+
+    # the mean teacher: the same teachers start a student whose moving average teaches it on the unlabelled slices
+    mean_teacher = tmp_path / "mean_teacher"
+    assert bench_semiseg.main(["--data", str(six_slices), "--out", str(mean_teacher), "--folds", "3",
+                               "--reuse-models", str(out), "--unlabelled", str(unlabelled), "--mean-teacher",
+                               "--consistency-weight", "2", "--self-training-epochs", "1"]) == 0
+    student = mean_teacher / "fold2" / "student"
+    datalist = json.loads((student / "datalist.json").read_text())
+    assert len(datalist["training"]) == len(labelled) * bench_semiseg.SelfTraining.labelled_repeats
+    assert [Path(u["image"]).name for u in datalist["unlabelled"]] == [
+        f"{n}.nii.gz" for n in names[:: bench_semiseg.SelfTraining.every]]
+    assert not (student / "teacher_labels").exists()  # nothing labelled beforehand
+    knobs = json.loads((student / "student.json").read_text())["knobs"]
+    assert (knobs["consistency_weight"], knobs["ema_decay"]) == (2.0, 0.99)
+    start = torch.load(knobs["init_weights"], map_location="cpu", weights_only=True)  # a copy of the reused model
+    teacher = torch.load(out / "fold2" / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(start[k], teacher[k]) for k in teacher)
+    latest = torch.load(student / "bundle" / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(student / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    averaged = averaged_weights(latest["weight_averaging"])
+    assert all(torch.equal(saved[k], averaged[k]) for k in saved)  # the written model is the mean teacher
+    taught = json.loads((mean_teacher / "results.json").read_text())
+    assert taught["self_training"]["consistency_weight"] == 2.0
+    assert taught["mean"]["teacher_dice"] == pytest.approx(result["mean"]["teacher_dice"])
+    with pytest.raises(SystemExit):  # one way to train the student at a time
+        bench_semiseg.main(["--data", str(six_slices), "--out", str(tmp_path / "x"), "--unlabelled", str(unlabelled),
+                            "--self-training", "--mean-teacher"])
