@@ -18,6 +18,7 @@ __all__ = [
     "DataCheckError",
     "build_datalist",
     "bundle_datalist",
+    "check_bundle_training_data",
     "check_training_data",
     "pair_images_labels",
     "write_datalist",
@@ -222,6 +223,24 @@ def check_training_data(
         problems.append("training set: no case has any infection voxel; nothing to learn")
     if problems:
         raise DataCheckError("\n".join(problems))
+
+
+def check_bundle_training_data(
+    datalist: Mapping[str, Sequence[Mapping[str, str]]], knobs: Mapping[str, Any] | None = None
+) -> None:
+    """:func:`check_training_data` with the label values that a bundle with these knobs trains on.
+
+    ``labels: multiclass`` takes label maps 0/1/2; binary bundles take 0/1 masks or soft targets in [0, 1].
+
+    Args:
+        datalist: from :func:`build_datalist`.
+        knobs: the bundle's top-level settings (only ``labels`` matters here).
+
+    Raises:
+        DataCheckError: listing every problem found.
+    """
+    multiclass = (knobs or {}).get("labels") == "multiclass"
+    check_training_data(datalist, label_values=(0, 1, 2) if multiclass else (0, 1), soft_labels=not multiclass)
 
 
 def _check_unlabelled(items: Sequence[Mapping[str, str]], problems: list[str]) -> None:

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from covid_monai.bundle import create_bundle
-from covid_monai.datalist import build_datalist, check_training_data, write_datalist
+from covid_monai.datalist import build_datalist, check_bundle_training_data, write_datalist
 from covid_monai.errors import SharedRunError, one_line
 from covid_monai.inference import check_output_folder, remove_stale_temporaries, run_batch
 from covid_monai.summary import CaseResult, read_summary, write_summary
@@ -146,7 +146,7 @@ def prepare_training(
         >>> prepare_training("/data/covid19_ct", "my_bundle", {"epochs": 100, "val_interval": 5})
     """
     datalist = build_datalist(data, val_fraction=val_fraction, seed=seed)
-    check_training_data(datalist)
+    check_bundle_training_data(datalist, knobs)
     bundle = create_bundle(out, {"seed": seed, **(knobs or {})})
     write_datalist(datalist, bundle / "configs" / "datalist.json")
     return bundle

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from covid_monai.bundle import create_bundle, load_config, resolve_device, run_workflow
-from covid_monai.datalist import build_datalist, check_training_data, write_datalist
+from covid_monai.datalist import build_datalist, check_bundle_training_data, write_datalist
 from covid_monai.handlers import atomic_torch_save, averaged_weights, check_resume_checkpoint
 
 __all__ = ["read_training_curves", "train_bundle", "write_training_curves"]
@@ -64,8 +64,7 @@ def train_bundle(
         datalist = json.loads(datalist_path.read_text())
     else:
         datalist = build_datalist(data, val_fraction=val_fraction, seed=seed)
-    multiclass = knobs.get("labels") == "multiclass"
-    check_training_data(datalist, label_values=(0, 1, 2) if multiclass else (0, 1), soft_labels=not multiclass)
+    check_bundle_training_data(datalist, knobs)
     create_bundle(out, knobs)
     write_datalist(datalist, datalist_path)
     torch_device = resolve_device(device)

@@ -14,6 +14,8 @@ import torch
 from monai.data import MetaTensor
 
 from covid_monai.bundle import create_bundle, load_config, run_workflow
+from covid_monai.datalist import DataCheckError
+from covid_monai.distributed import prepare_training
 from covid_monai.evaluate import CLASS_METRICS, METRICS, compute_case_metrics, evaluate_folders, format_table
 from covid_monai.grid import MaskFromSourceProbabilityd
 from covid_monai.inference import BatchSegmenter, run_batch
@@ -263,3 +265,12 @@ def test_multiclass_metadata_describes_the_network(trained):
         device="cpu", n=4, bundle_root=str(trained),
     )
     assert "2 consolidation" in (configs / "metadata.json").read_text()
+
+
+def test_prepare_training_checks_labels_against_the_labels_knob(multiclass_phantoms, tmp_path):
+    bundle = prepare_training(multiclass_phantoms, tmp_path / "multiclass", {"labels": "multiclass"})
+    assert load_config(bundle, ("train.json",))["labels"] == "multiclass"
+    assert (bundle / "configs" / "datalist.json").is_file()
+    with pytest.raises(DataCheckError, match="label values"):
+        prepare_training(multiclass_phantoms, tmp_path / "binary", {"labels": "binary"})
+    assert not (tmp_path / "binary").exists()  # nothing written for data that fails the check
