@@ -79,6 +79,25 @@ def test_ddp_training_one_checkpoint_and_split_epoch(ddp_bundle):
     assert len(events) == 2 and len({name.split(".")[-2] for name in events}) == 1
 
 
+def test_ddp_trains_a_mean_teacher(tmp_path, phantoms):
+    datalist = build_datalist(phantoms, val_fraction=0.5)
+    images = sorted(item["image"] for item in datalist["training"] + datalist["validation"])
+    datalist["unlabelled"] = [{"image": image} for image in images[:2]]  # 2 labelled + 2 unlabelled: 2 steps a rank
+    write_datalist(datalist, tmp_path / "datalist.json")
+    knobs = {**TINY_KNOBS, "batch_size": 1, "ema_decay": 0.5, "consistency_weight": 1.0}
+    tokens = [token for key, value in knobs.items() for token in (f"--{key}", json.dumps(value))]
+    assert main(["prepare-train", "--data", str(tmp_path / "datalist.json"), "--out", str(tmp_path / "bundle"),
+                 *tokens]) == 0
+    bundle = tmp_path / "bundle"
+    _torchrun("-m", "monai.bundle", "run", "--config_file", TRAIN_CONFIGS, "--device", "$torch.device('cpu')",
+              cwd=bundle)
+    latest = torch.load(bundle / "models" / "latest.pt", map_location="cpu", weights_only=True)
+    assert latest["trainer"]["epoch_length"] == 2  # the unlabelled images are in the split training list (1 without)
+    best = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    averaged = averaged_weights(latest["weight_averaging"])
+    assert all(torch.equal(best[k], averaged[k]) for k in best)  # the teacher (the average) is what is kept
+
+
 def test_ddp_evaluation_gathers_every_case(ddp_bundle):
     bundle, datalist = ddp_bundle
     _torchrun("-m", "monai.bundle", "run", "--config_file", EVALUATE_CONFIGS, "--device", "$torch.device('cpu')",
