@@ -19,7 +19,9 @@ model first trains on those slices (they only ever train), and every fold and th
 With ``--self-training`` as well, each fold's model is a teacher: it labels a share of the unlabelled slices with its
 own probability maps (soft targets), and a student starts from the teacher's weights and trains on mixed batches of
 the fold's labelled slices and the teacher-labelled ones. The teacher of fold k has never seen fold k's test slices;
-both are scored on them (the teacher's figures as ``teacher_<metric>``).
+both are scored on them (the teacher's figures as ``teacher_<metric>``). ``--mean-teacher`` instead trains the
+student against its own moving average (which starts as the fold's model) with a consistency loss on the unlabelled
+slices, nothing labelled beforehand (:mod:`covid_monai.consistency`).
 
 Example:
     python scripts/bench_semiseg.py --data ../shared/data/covid_semiseg/train --out runs/semiseg \

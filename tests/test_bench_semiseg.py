@@ -207,10 +207,13 @@ def test_self_training_teaches_a_student_per_fold_from_its_own_teacher(six_slice
     mean_teacher = tmp_path / "mean_teacher"
     assert bench_semiseg.main(["--data", str(six_slices), "--out", str(mean_teacher), "--folds", "3",
                                "--reuse-models", str(out), "--unlabelled", str(unlabelled), "--mean-teacher",
-                               "--consistency-weight", "2", "--self-training-epochs", "1"]) == 0
+                               "--consistency-weight", "2", "--self-training-epochs", "1", "--self-training-repeats",
+                               "1", "--no-final"]) == 0
     student = mean_teacher / "fold2" / "student"
     datalist = json.loads((student / "datalist.json").read_text())
-    assert len(datalist["training"]) == len(labelled) * bench_semiseg.SelfTraining.labelled_repeats
+    self_taught = json.loads((again / "fold2" / "student" / "datalist.json").read_text())["training"]
+    assert [Path(item["image"]).name for item in datalist["training"]] == [
+        Path(item["image"]).name for item in self_taught[: len(labelled)]]  # the labelled slices once, nothing taught
     assert [Path(u["image"]).name for u in datalist["unlabelled"]] == [
         f"{n}.nii.gz" for n in names[:: bench_semiseg.SelfTraining.every]]
     assert not (student / "teacher_labels").exists()  # nothing labelled beforehand
