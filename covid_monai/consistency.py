@@ -138,7 +138,7 @@ class MeanTeacherIteration:
             taught = taught[0] if isinstance(taught, (list, tuple)) else taught
             target = self._probabilities(taught)
         teacher.train(was_training)
-        consistency = torch.mean((self._probabilities(heads[0]) - target) ** 2)
+        consistency = torch.nn.functional.mse_loss(self._probabilities(heads[0]), target)
         ramp = consistency_ramp(engine.state.iteration - 1, self.rampup_iterations)
         hard = target.argmax(dim=1, keepdim=True) if self.multiclass else (target > 0.5)
         reference = torch.where(labelled.view(-1, *[1] * (targets.ndim - 1)), targets, hard.to(targets.dtype))

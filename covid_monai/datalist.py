@@ -76,6 +76,7 @@ def build_datalist(
         file has that list).
     """
     path = Path(data)
+    unlabelled: dict[str, list[dict[str, str]]] = {}
     if path.is_file():
         try:
             document = json.loads(path.read_text())
@@ -84,8 +85,8 @@ def build_datalist(
         if not isinstance(document, Mapping) or not isinstance(document.get("training"), list):
             raise DataCheckError(f"{path}: a datalist needs a 'training' list of {{'image', 'label'}} items")
         lists = {k: [_absolute(item, path.parent) for item in document.get(k, [])] for k in ("training", "validation")}
-        unlabelled = {"unlabelled": [_absolute(item, path.parent, ("image",)) for item in document["unlabelled"]]
-                      } if "unlabelled" in document else {}
+        if "unlabelled" in document:
+            unlabelled["unlabelled"] = [_absolute(item, path.parent, ("image",)) for item in document["unlabelled"]]
         if lists["validation"]:
             return {**lists, **unlabelled}
         items = lists["training"]
@@ -100,7 +101,7 @@ def build_datalist(
     return {
         "training": [items[i] for i in sorted(order[n_val:])],
         "validation": [items[i] for i in val],
-        **(unlabelled if path.is_file() else {}),
+        **unlabelled,
     }
 
 
@@ -139,15 +140,14 @@ def bundle_datalist(
     """
     if key not in ("training", "validation", "unlabelled"):
         raise ValueError(f"datalist key {key!r}: use 'training', 'validation' or 'unlabelled'")
-    if key == "unlabelled":
-        if not Path(data_list_file).is_file() or key not in json.loads(Path(data_list_file).read_text()):
-            return []
     if Path(data_list_file).is_file():
         from monai.data import load_decathlon_datalist
 
+        if key == "unlabelled" and key not in json.loads(Path(data_list_file).read_text()):
+            return []  # the one optional list
         return load_decathlon_datalist(str(data_list_file), data_list_key=key, base_dir=str(dataset_dir))
     try:
-        return build_datalist(Path(dataset_dir), val_fraction=val_fraction, seed=seed)[key]
+        return build_datalist(Path(dataset_dir), val_fraction=val_fraction, seed=seed).get(key, [])
     except DataCheckError as exc:
         message = f"no datalist file {data_list_file}, and no training data in {dataset_dir}:\n{exc}"
         raise DataCheckError(message) from exc
