@@ -12,10 +12,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from _common import machine_info, write_result  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 from covid_monai.demo import TRAINING_PART, run_demo
 from covid_monai.evaluate import evaluate_folders
@@ -50,10 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(row)
             print(row, flush=True)
     chosen = max(rows, key=lambda r: r["validation"])
-    result = {"demo": demo, "demo_minutes": demo_minutes, "rows": rows, "chosen_on_validation": chosen}
-    (args.out / "sweep.json").write_text(json.dumps(result, indent=1) + "\n")
-    print("chosen on validation:", chosen)
-    return 0
+    result = {"demo": demo, "demo_minutes": demo_minutes, "rows": rows, "chosen_on_validation": chosen,
+              "machine": machine_info()}
+    return write_result(result, args.out / "sweep.json",
+                        lambda r: print("chosen on validation:", r["chosen_on_validation"]))
 
 
 if __name__ == "__main__":
