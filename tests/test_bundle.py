@@ -95,6 +95,49 @@ def test_neighbour_slices_train_and_infer(tmp_path, phantoms):
     np.testing.assert_allclose(mask.affine, nib.load(str(image)).affine)
 
 
+@pytest.mark.parametrize("mode", ["volume", "window"])
+def test_intensity_normalization_in_training_and_inference(tmp_path, phantoms, mode):
+    """Training and inference normalise alike; with ``window`` a voxel's value does not depend on the rest of the
+    scan (more lesion elsewhere leaves it unchanged), with ``volume`` (z-score per volume) it does."""
+    bundle = create_bundle(tmp_path / "bundle", {**TINY_KNOBS, "intensity_normalization": mode})
+    image = sorted((phantoms / "images").glob("*.nii.gz"))[0]
+    original = nib.load(str(image))
+    hu = np.asarray(original.dataobj).copy()
+    hu[24:40, 24:40, 8:] = -300  # a large 'lesion' inside the body, away from the first slices
+    more_lesion = tmp_path / "more_lesion.nii.gz"
+    nib.save(nib.Nifti1Image(hu, original.affine, original.header), str(more_lesion))
+    from monai.transforms import Compose
+
+    train = Compose(load_config(bundle, ["train.json"], {"device": "cpu"}).get_parsed_content("volume_transforms"))
+    infer = load_config(bundle, ["inference.json"], {"device": "cpu", "crop_to_lungs": False})
+    infer = infer.get_parsed_content("preprocessing")
+    label = str(phantoms / "labels" / image.name)
+    for path in (image, more_lesion):
+        trained_on = train({"image": str(path), "label": label})["image"]
+        inferred_on = infer({"image": str(path)})["image"]
+        np.testing.assert_allclose(trained_on.numpy(), inferred_on.numpy(), atol=1e-4)  # two resamplers
+        if mode == "window":
+            # the HU window [-1250, 250] to [-1, 1]: the scan's air (-1024 HU) maps back exactly
+            assert float(inferred_on.min()) * 750 - 500 == pytest.approx(max(float(hu.min()), -1250), abs=0.1)
+            assert float(inferred_on.max()) <= 1.0 + 1e-6
+        else:
+            assert abs(float(inferred_on.mean())) < 1e-3 and float(inferred_on.std()) == pytest.approx(1.0, abs=0.01)
+    first = [infer({"image": str(path)})["image"][..., :2].numpy() for path in (image, more_lesion)]
+    if mode == "window":
+        np.testing.assert_allclose(first[0], first[1], atol=1e-6)
+    else:
+        assert np.abs(first[0] - first[1]).max() > 0.01
+
+
+def test_unknown_intensity_normalization_is_refused(tmp_path):
+    from covid_monai.transforms import intensity_normalization
+
+    with pytest.raises(ValueError, match="intensity_normalization must be one of volume, window"):
+        intensity_normalization("image", "percentile", [-1250, 250])
+    with pytest.raises(ValueError, match="high > low"):
+        intensity_normalization("image", "window", [250, -1250])
+
+
 def test_weight_averaging_validates_saves_and_resumes_the_average(tmp_path, phantoms):
     """``ema_decay``: the network validated and saved as model.pt is the moving average, and resume keeps it."""
     out = tmp_path / "bundle"
@@ -255,7 +298,8 @@ def test_parse_overrides_refuses_bad_tokens_and_code(tokens):
 def test_knobs_shared_by_train_and_inference_agree():
     train, infer = read_knobs(TEMPLATE_BUNDLE, "train.json"), read_knobs(TEMPLATE_BUNDLE, "inference.json")
     shared = (set(train) & set(infer)) - {"dataset_dir", "amp"}  # data location and precision differ by purpose
-    assert {"pixdim", "hu_window", "network_width", "network_norm", "context_slices", "threshold"} <= shared
+    assert {"pixdim", "hu_window", "intensity_normalization", "network_width", "network_norm", "context_slices",
+            "threshold"} <= shared
     assert {k: train[k] for k in shared} == {k: infer[k] for k in shared}
 
 

@@ -6,6 +6,8 @@
   key, with the image's meta data.
 * :mod:`~covid_monai.transforms.crop` -- :class:`AboveOrAll`, :class:`CropForegroundMMd`: crop to the body or the
   lungs with margins in millimetres, the whole scan when there is nothing to crop to.
+* :mod:`~covid_monai.transforms.intensity` -- :func:`intensity_normalization`: MONAI's ``NormalizeIntensityd`` per
+  volume or fixed from the HU window (the ``intensity_normalization`` knob).
 * :mod:`~covid_monai.transforms.slices` -- :class:`NeighbourSlicesToChannelsd`: 2.5D input, every axial slice with
   its neighbours above and below as channels.
 * :mod:`~covid_monai.transforms.classes` -- :func:`infection_classes`, :class:`InfectionClassesd`,
@@ -23,6 +25,7 @@ from __future__ import annotations
 from covid_monai.lungs import LEFT_LUNG, RIGHT_LUNG, lung_mask_from_hu
 from covid_monai.transforms.classes import InfectionClassesd, InfectionProbabilityd, infection_classes
 from covid_monai.transforms.crop import AboveOrAll, CropForegroundMMd
+from covid_monai.transforms.intensity import INTENSITY_NORMALIZATIONS, intensity_normalization
 from covid_monai.transforms.lungs import LungMaskd
 from covid_monai.transforms.postprocess import AddInfectionToLungsd, RestrictToLungsd
 from covid_monai.transforms.slices import NeighbourSlicesToChannelsd
@@ -30,6 +33,7 @@ from covid_monai.transforms.utils import bounding_box, voxel_spacing
 from covid_monai.transforms.validate import ValidateCTd
 
 __all__ = [
+    "INTENSITY_NORMALIZATIONS",
     "LEFT_LUNG",
     "RIGHT_LUNG",
     "AboveOrAll",
@@ -43,6 +47,7 @@ __all__ = [
     "ValidateCTd",
     "bounding_box",
     "infection_classes",
+    "intensity_normalization",
     "lung_mask_from_hu",
     "voxel_spacing",
 ]
