@@ -25,9 +25,8 @@ from typing import Any
 
 from _common import machine_info, write_result  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-from covid_monai.demo import TRAINING_PART, run_demo
-from covid_monai.evaluate import evaluate_folders
-from covid_monai.inference import run_batch
+from covid_monai.demo import TRAINING_PART, run_demo, segment_and_score
+from covid_monai.io import atomic_write_text
 from covid_monai.phantom import write_phantoms
 
 VALIDATION_SEED = 30_000
@@ -40,17 +39,16 @@ def run_recipe(out: Path, knobs: dict[str, Any], seed: int, n_train: int, n_eval
     if done.exists():
         earlier = json.loads(done.read_text())
         asked = {"knobs": knobs, "seed": seed, "n_train": n_train, "n_eval": n_eval}
-        if {key: earlier.get(key) for key in asked} != asked:
-            raise SystemExit(f"{done}: an earlier run with other settings ({earlier.get('knobs')}); use another --out")
+        settings = {key: earlier.get(key) for key in asked}
+        if settings != asked:
+            raise SystemExit(f"{done}: an earlier run with other settings ({settings}, not {asked}); use another --out")
         return earlier
     started = time.perf_counter()
     means = run_demo(out, n_train=n_train, n_test=n_eval, n_disjoint=n_eval, device="cpu", seed=seed, knobs=knobs)
     minutes = (time.perf_counter() - started) / 60
     validation = out / "data" / "validation"
     write_phantoms(validation, n=n_eval, seed=VALIDATION_SEED, spec=TRAINING_PART)
-    masks = out / "validation" / "masks"
-    run_batch([validation / "images"], masks, out / "bundle", device="cpu", save_lungs=False, progress=False)
-    rows, summary = evaluate_folders(masks, validation / "labels", out / "validation")
+    rows, summary, _ = segment_and_score(out / "bundle", validation, out / "validation", device="cpu")
     result = {
         "knobs": knobs,
         "seed": seed,
@@ -62,9 +60,7 @@ def run_recipe(out: Path, knobs: dict[str, Any], seed: int, n_train: int, n_eval
         "validation": float(summary["mean"]["dice"]),
         "validation_cases": {row["case"]: float(row["dice"]) for row in rows},
     }
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(done)
+    atomic_write_text(done, json.dumps(result, indent=1) + "\n")
     return result
 
 

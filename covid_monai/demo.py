@@ -17,7 +17,7 @@ from typing import Any
 
 from covid_monai.phantom import DEFAULT_SPEC, PhantomSpec
 
-__all__ = ["DEMO_KNOBS", "DISJOINT_PART", "TRAINING_PART", "run_demo"]
+__all__ = ["DEMO_KNOBS", "DISJOINT_PART", "TRAINING_PART", "run_demo", "segment_and_score"]
 
 logger = logging.getLogger("covid_monai.demo")
 
@@ -53,7 +53,10 @@ DISJOINT_PART: PhantomSpec = dataclasses.replace(
 """A part of the phantom space the demo never trains on: other lesion kinds, other reconstruction kernels."""
 
 
-def _segment_and_score(bundle: Path, data: Path, out: Path, device: str) -> tuple[list[dict], dict, list]:
+def segment_and_score(bundle: Path, data: Path, out: Path, device: str) -> tuple[list[dict], dict, list]:
+    """Segment the phantoms of ``data/images`` with ``bundle`` into ``out/masks`` and score them against
+    ``data/labels`` (``out/metrics.csv``); returns the metric rows, their summary and the inference results, and
+    raises if any phantom failed."""
     from covid_monai.evaluate import evaluate_folders
     from covid_monai.inference import run_batch
 
@@ -120,10 +123,10 @@ def run_demo(
     logger.info("2/4 training for %d epochs", settings["epochs"])
     bundle = train_bundle(data / "train", out / "bundle", settings, device=device, seed=seed)
     logger.info("3/4 segmenting the held-out phantoms and the disjoint part's")
-    rows, summary, results = _segment_and_score(bundle, data / "test", out, device)
+    rows, summary, results = segment_and_score(bundle, data / "test", out, device)
     parts = [("held-out", rows, summary)]
     if n_disjoint:
-        parts.append(("disjoint", *_segment_and_score(bundle, data / "disjoint", out / "disjoint", device)[:2]))
+        parts.append(("disjoint", *segment_and_score(bundle, data / "disjoint", out / "disjoint", device)[:2]))
     logger.info("4/4 results")
     for name, part_rows, part_summary in parts:
         print(f"\n{name} phantoms:")
