@@ -1,3 +1,3 @@
-from covid_monai.cli import main
+from covid_monai.cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

@@ -8,6 +8,10 @@ rather than somewhere in a pipeline:
 * MONAI ``UpCat.is_pad``, the decoder's size-matching pad (:func:`skip_upcat_padding`);
 * MONAI lazy resampling: a MetaTensor's pending operations and ``Spacingd.spacing_transform``
   (:func:`pending_resampling`, :func:`with_operations`, :func:`spacing_resample`).
+
+One more reliance on how a dependency behaves lives in its own module, because it must run before MONAI is imported:
+:mod:`covid_monai.lean_import` imports MONAI with some optional packages hidden (checked by
+``tests/test_lean_import.py``).
 """
 
 from __future__ import annotations

@@ -256,8 +256,11 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, lean_imports: bool = False) -> int:
     """Run ``covid-monai`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    With ``lean_imports`` (the ``covid-monai`` program, :func:`console_main`) ``infer`` imports MONAI without the
+    optional packages inference never uses (:mod:`covid_monai.lean_import`), when nothing has imported MONAI yet.
 
     With ``infer --distributed`` (under ``torchrun``) log lines name their rank, rank 0 prints the counts and gives
     the exit code of the batch (the other ranks return 0), and a run that fails as a whole returns 1 on every rank
@@ -269,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if lean_imports and args.command == "infer":
+        from covid_monai.lean_import import import_monai_for_inference
+
+        import_monai_for_inference()
     debug = getattr(args, "debug", False)
     rank = os.environ.get("RANK", "0") if getattr(args, "distributed", False) else None
     where = "" if rank is None else f" rank{rank}"
@@ -303,5 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"covid-monai {args.command}{where}: error: {message}", file=sys.stderr)
         return EXIT_FAILED
 
+def console_main() -> int:
+    """The ``covid-monai`` program (and ``python -m covid_monai``): :func:`main` on ``sys.argv`` with lean imports.
+
+    Only a process of its own imports MONAI lean: :func:`main` called in-process imports it whole (the default).
+    """
+    return main(lean_imports=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -360,4 +360,4 @@ def cli_argv(argv: Sequence[str]) -> list[str]:
 if __name__ == "__main__":  # the alias of earlier versions: an entry point, so it may call the command line
     from covid_monai.cli import main
 
-    sys.exit(main(cli_argv(sys.argv[1:])))
+    sys.exit(main(cli_argv(sys.argv[1:]), lean_imports=True))
