@@ -9,7 +9,7 @@ slices the pipeline feeds it. The runtimes take turns, scan by scan set by set, 
 
 - ``torchscript``: what ``covid-monai infer`` runs (``covid_monai.inferers.load_inference_network``: batch norm
   folded, traced, frozen, oneDNN fusion, channels-last; bf16 autocast baked in when ``amp`` and the CPU has
-  AVX-512 BF16 / AMX);
+  AMX);
 - ``onnxruntime``: the eval-mode network exported to ONNX (opset 17, dynamic batch and in-plane size), CPU
   execution provider, graph optimisations on, fp32 (ONNX Runtime has no bf16 CPU kernels for these operators);
 - ``openvino``: what ``covid-monai infer --runtime openvino`` runs (``covid_monai.runtimes.OpenVINONetwork``: the

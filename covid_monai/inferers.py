@@ -1,8 +1,9 @@
 """Inferers of the bundle: mixed precision on CPUs, and test-time flips.
 
 Mixed precision: on CUDA, MONAI's engines do automatic mixed precision themselves (``amp=True``: fp16 with a
-gradient scaler). On CPUs with AVX-512 BF16 or AMX, bf16 autocast with channels-last tensors runs the U-Net 2-3x
-faster than fp32, for training as well as inference; :class:`AutocastInferer` brings that to the training pipeline.
+gradient scaler). On CPUs with AMX tiles, bf16 autocast with channels-last tensors runs the U-Net 2-3x faster than
+fp32, for training as well as inference; :class:`AutocastInferer` brings that to the training pipeline. On CPUs with
+AVX-512 BF16 but no AMX it is slower than fp32, so they run fp32 (:func:`cpu_bf16_supported`).
 
 Inference (``inference.json``): :func:`load_inference_network` gives the trained network ready to run (weights-only
 checkpoint, eval mode, frozen on CPUs) and :class:`InferenceModeInferer` runs it in the device's precision.
@@ -38,12 +39,16 @@ __all__ = [
 
 
 def cpu_bf16_supported() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX tiles)."""
-    return any(cpu_bf16_features().values())
+    """Whether bf16 runs faster than fp32 on this CPU: when it has AMX tiles.
+
+    AVX-512 BF16 alone is not enough: on such a CPU (2 cores, no AMX) the bundle's U-Net ran slower in bf16 than in
+    fp32, by 1.4-1.65x at inference and 1.15x per training step (``docs/experiments.md``, 2026-12-04).
+    """
+    return cpu_bf16_features()["amx_tile"]
 
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The mixed precision a device runs fast: fp16 on CUDA, bf16 on CPUs with native bf16, else ``None``.
+    """The mixed precision a device runs fast: fp16 on CUDA, bf16 on CPUs with AMX, else ``None``.
 
     Example:
         >>> autocast_dtype("cuda")

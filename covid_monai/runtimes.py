@@ -2,7 +2,7 @@
 
 ``covid-monai infer --runtime openvino`` (the bundle knob ``runtime``) converts the trained network with OpenVINO
 (``openvino.convert_model`` straight from the PyTorch module, dynamic batch and in-plane size) and compiles it for the
-CPU: bf16 where the CPU has AVX-512 BF16 / AMX and ``amp`` is on, else fp32. On the 2-core development machine it runs
+CPU: bf16 where the CPU has AMX and ``amp`` is on, else fp32. On the 2-core development machine it runs
 the network 1.6-4x faster than TorchScript + oneDNN with the same masks (``benchmarks/bench_runtime.py``), mostly
 because it needs no profiling runs per new slice size. OpenVINO is an optional dependency: ``pip install
 covid-monai[openvino]``.

@@ -6,6 +6,7 @@ import pytest
 import torch
 from monai.inferers import SimpleInferer, SliceInferer
 
+import covid_monai.inferers
 from covid_monai.inferers import (
     AutocastInferer,
     FlipAveragingInferer,
@@ -16,7 +17,11 @@ from covid_monai.inferers import (
 )
 from covid_monai.networks import seed_unet
 
-needs_bf16 = pytest.mark.skipif(autocast_dtype("cpu") is None, reason="this CPU has no native bf16")
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Take this CPU for one with AMX, where bf16 is the fast precision (PyTorch runs bf16 on any x86 CPU)."""
+    monkeypatch.setattr(covid_monai.inferers, "cpu_bf16_features", lambda: {"avx512_bf16": True, "amx_tile": True})
 
 
 def test_autocast_dtype_per_device():
@@ -24,8 +29,20 @@ def test_autocast_dtype_per_device():
     assert autocast_dtype("cpu") in (torch.bfloat16, None)
 
 
-@needs_bf16
-def test_autocast_inferer_trains_in_bf16_with_fp32_logits():
+@pytest.mark.parametrize(("avx512_bf16", "amx_tile", "expected"), [
+    (True, True, torch.bfloat16),
+    (False, True, torch.bfloat16),
+    (True, False, None),  # AVX-512 BF16 without AMX: bf16 measured slower than fp32, so fp32
+    (False, False, None),
+])
+def test_cpus_run_bf16_only_with_amx(monkeypatch, avx512_bf16, amx_tile, expected):
+    features = {"avx512_bf16": avx512_bf16, "amx_tile": amx_tile}
+    monkeypatch.setattr(covid_monai.inferers, "cpu_bf16_features", lambda: features)
+    assert autocast_dtype("cpu") == expected
+    assert autocast_dtype("cuda") == torch.float16
+
+
+def test_autocast_inferer_trains_in_bf16_with_fp32_logits(bf16_cpu):
     torch.manual_seed(0)
     network = seed_unet(width=8, norm="batch").to(memory_format=torch.channels_last)
     x = torch.randn(2, 1, 32, 32)
@@ -66,7 +83,7 @@ def test_flip_averaging_around_slice_inferer_keeps_shape():
     assert out.shape == (1, 1, 32, 48, 4) and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("dtype", [None, pytest.param(torch.bfloat16, marks=needs_bf16)])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_frozen_network_matches_eager_at_any_size(dtype):
     torch.manual_seed(0)
     network = seed_unet(in_channels=3, width=8, norm="batch")
@@ -82,8 +99,8 @@ def test_frozen_network_matches_eager_at_any_size(dtype):
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
 
 
-@pytest.mark.parametrize("amp", [False, pytest.param(True, marks=needs_bf16)])
-def test_inference_network_is_the_trained_network_frozen_in_its_precision(tmp_path, amp):
+@pytest.mark.parametrize("amp", [False, True])
+def test_inference_network_is_the_trained_network_frozen_in_its_precision(tmp_path, amp, bf16_cpu):
     """model.pt or latest.pt's ``model`` entry, loaded weights-only into an eval-mode frozen graph whose output,
     run by InferenceModeInferer, is the eager trained network's under the same autocast."""
     torch.manual_seed(0)
