@@ -310,6 +310,7 @@ def main(argv: Sequence[str] | None = None, lean_imports: bool = False) -> int:
         print(f"covid-monai {args.command}{where}: error: {message}", file=sys.stderr)
         return EXIT_FAILED
 
+
 def console_main() -> int:
     """The ``covid-monai`` program (and ``python -m covid_monai``): :func:`main` on ``sys.argv`` with lean imports.
 

@@ -42,7 +42,7 @@ def cpu_bf16_supported() -> bool:
     """Whether bf16 runs faster than fp32 on this CPU: when it has AMX tiles.
 
     AVX-512 BF16 alone is not enough: on such a CPU (2 cores, no AMX) the bundle's U-Net ran slower in bf16 than in
-    fp32, by 1.4-1.65x at inference and 1.15x per training step (``docs/experiments.md``, 2026-12-04).
+    fp32, by 1.3-1.65x at inference and 1.15x per training step (``docs/experiments.md``, 2026-12-04).
     """
     return cpu_bf16_features()["amx_tile"]
 

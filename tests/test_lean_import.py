@@ -61,13 +61,15 @@ def test_a_whole_monai_import_loads_them_so_the_lean_one_saves_their_import():
 
 
 def test_lean_and_whole_imports_write_the_same_masks_and_volumes(tmp_path, phantoms, random_bundle):
-    """The program as users run it (``python -m covid_monai infer``, workers on) with and without the lean import."""
+    """The program as users run it (``python -m covid_monai infer``, workers on) with and without the lean import;
+    the report's plot imports matplotlib after the lean import, as usual."""
     outputs = {}
     for full_import in (False, True):
         out = tmp_path / ("whole" if full_import else "lean")
         proc = _python("import sys; from covid_monai.cli import console_main; sys.argv[0] = 'covid-monai'; "
                        "sys.exit(console_main())", "infer", str(phantoms / "images"), "-o", str(out),
-                       "--bundle", str(random_bundle), "--device", "cpu", "--quiet", full_import=full_import)
+                       "--bundle", str(random_bundle), "--device", "cpu", "--quiet", "--report",
+                       full_import=full_import)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[full_import] = out
     lean_masks = sorted(outputs[False].glob("*_infection.nii.gz"))
@@ -82,3 +84,5 @@ def test_lean_and_whole_imports_write_the_same_masks_and_volumes(tmp_path, phant
         return sorted((c["case"], c["infection_ml"], c["lung_ml"]) for c in cases)
 
     assert volumes(outputs[False]) == volumes(outputs[True])
+    images = {full: (out / "report.html").read_text().count("data:image/png;base64,") for full, out in outputs.items()}
+    assert images[False] == images[True] >= 1, images  # the involvement plot (matplotlib) is there both ways
