@@ -7,7 +7,9 @@ rather than somewhere in a pipeline:
 * PyTorch: ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` (:func:`cpu_bf16_features`);
 * MONAI ``UpCat.is_pad``, the decoder's size-matching pad (:func:`skip_upcat_padding`);
 * MONAI lazy resampling: a MetaTensor's pending operations and ``Spacingd.spacing_transform``
-  (:func:`pending_resampling`, :func:`with_operations`, :func:`spacing_resample`).
+  (:func:`pending_resampling`, :func:`with_operations`, :func:`spacing_resample`);
+* MONAI's nvImageCodec DICOM reader: the logger and warning it speaks through where nvImageCodec is missing
+  (:func:`quiet_missing_gpu_dicom_decoder`).
 
 One more reliance on how a dependency behaves lives in its own module, because it must run before MONAI is imported:
 :mod:`covid_monai.lean_import` imports MONAI with some optional packages hidden (checked by
@@ -16,7 +18,10 @@ One more reliance on how a dependency behaves lives in its own module, because i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,6 +35,7 @@ __all__ = [
     "PendingResampling",
     "cpu_bf16_features",
     "pending_resampling",
+    "quiet_missing_gpu_dicom_decoder",
     "skip_upcat_padding",
     "spacing_resample",
     "with_operations",
@@ -115,3 +121,44 @@ def spacing_resample(transform: Spacingd, data_array: torch.Tensor, **kwargs: An
         kwargs: ``mode``, ``padding_mode``, ``align_corners``, ``dtype``, ``scale_extent`` for this key.
     """
     return transform.spacing_transform(data_array=data_array, lazy=False, **kwargs)
+
+
+NVIMGCODEC_LOGGER = "monai.data.nvimgcodec_pydicom_plugin"
+"""The logger of MONAI's nvImageCodec pydicom plugin."""
+NVIMGCODEC_MISSING_LOG = "nvImageCodec is not available"
+"""The start of what that logger says when nvImageCodec (GPU DICOM decoding) is not installed or has no GPU."""
+NVIMGCODEC_MISSING_WARNING = "NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register"
+"""The start of the warning ``NvImgCodecPydicomReader`` then gives."""
+
+
+class _StartsWith(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def quiet_missing_gpu_dicom_decoder() -> Iterator[None]:
+    """Within: no log line and no warning that nvImageCodec is missing, where it is missing.
+
+    MONAI's ``LoadImage`` builds every default reader, ``NvImgCodecPydicomReader`` among them, and that reader says
+    twice that it has no nvImageCodec each time it is built, although it is then never chosen (it accepts no file
+    without nvImageCodec). Where nvImageCodec with a GPU is available nothing is silenced.
+    """
+    from monai.data.nvimgcodec_pydicom_plugin import is_nvimgcodec_available
+
+    if is_nvimgcodec_available():
+        yield
+        return
+    plugin_logger = logging.getLogger(NVIMGCODEC_LOGGER)
+    muted = _StartsWith(NVIMGCODEC_MISSING_LOG)
+    plugin_logger.addFilter(muted)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=NVIMGCODEC_MISSING_WARNING)
+            yield
+    finally:
+        plugin_logger.removeFilter(muted)

@@ -372,7 +372,7 @@ class MaskFromSourceProbabilityd(MapTransform):
         for key in self.key_iterator(d):
             mask = d[key]
             region = MetaTensor(torch.from_numpy(_dilate_by_one(mask.detach().cpu().numpy() > 0).astype(np.uint8)),
-                                affine=mask.affine, meta=mask.meta)
+                                meta=mask.meta)  # the meta holds the affine
             out = self._threshold_in_slabs(probability, region, target_affine, tuple(grid["shape"]), classes)
             d[key] = _on_grid(out, target_affine, mask)
         return d

@@ -20,6 +20,7 @@ import numpy as np
 from monai.data import NibabelReader
 from monai.transforms import LoadImaged
 
+from covid_monai._private_api import quiet_missing_gpu_dicom_decoder
 from covid_monai.parallel import worker_threads
 
 __all__ = [
@@ -670,5 +671,6 @@ class LoadScand(LoadImaged):
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        with quiet_missing_gpu_dicom_decoder():  # MONAI's GPU DICOM reader, unused without nvImageCodec
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.register(FastNibabelReader())

@@ -111,6 +111,7 @@ def test_bad_mode():
         resample_separable(np.zeros((1, 2, 2, 2)), np.eye(4), (2, 2, 2), mode="cubic")
 
 
+@pytest.mark.filterwarnings("error:Setting affine")  # MONAI's warning when a MetaTensor gets its affine twice
 def test_mask_from_source_probability_thresholds_inside_the_kept_region():
     """The final mask is the linearly mapped probability thresholded on the scan's grid, but only where the
     post-processed network-grid mask (grown by one voxel) is: a removed component stays removed."""
