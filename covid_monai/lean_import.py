@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 __all__ = ["FULL_IMPORT_ENV", "NOT_NEEDED_FOR_INFERENCE", "import_monai_for_inference"]
+
+logger = logging.getLogger(__name__)
 
 NOT_NEEDED_FOR_INFERENCE = ("ignite", "scipy.signal", "matplotlib")
 """Packages ``import monai`` loads (when installed) that inference does not use."""
@@ -48,7 +51,9 @@ def import_monai_for_inference(not_needed: Sequence[str] = NOT_NEEDED_FOR_INFERE
     """Import MONAI (and ``monai.bundle``) with the packages ``not_needed`` unfindable while it imports.
 
     Does nothing when MONAI is already imported or ``COVID_MONAI_FULL_IMPORT`` is set to anything but ``0`` or empty.
-    PyTorch is imported first, normally, so that only MONAI's optional imports are affected.
+    PyTorch is imported first, normally, so that only MONAI's optional imports are affected. Should MONAI fail to
+    import without them (a release that needs one), what it imported is dropped and MONAI is imported whole, so the
+    run goes on at the old speed (``tests/test_lean_import.py`` fails on such a release).
 
     Returns:
         Whether MONAI was imported here, without ``not_needed``.
@@ -65,6 +70,16 @@ def import_monai_for_inference(not_needed: Sequence[str] = NOT_NEEDED_FOR_INFERE
     try:
         importlib.import_module("monai")
         importlib.import_module("monai.bundle")  # not part of `import monai`; covid_monai.bundle parses configs with it
+    except ImportError as error:
+        logger.debug("MONAI did not import without %s (%s): importing it whole", ", ".join(not_needed), error)
+        for name in [name for name in sys.modules if name == "monai" or name.startswith("monai.")]:
+            del sys.modules[name]
+        lean = False
+    else:
+        lean = True
     finally:
         sys.meta_path.remove(finder)
-    return True
+    if not lean:
+        importlib.import_module("monai")
+        importlib.import_module("monai.bundle")
+    return lean

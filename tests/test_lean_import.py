@@ -86,3 +86,18 @@ def test_lean_and_whole_imports_write_the_same_masks_and_volumes(tmp_path, phant
     assert volumes(outputs[False]) == volumes(outputs[True])
     images = {full: (out / "report.html").read_text().count("data:image/png;base64,") for full, out in outputs.items()}
     assert images[False] == images[True] >= 1, images  # the involvement plot (matplotlib) is there both ways
+
+
+def test_a_monai_that_needs_a_hidden_package_is_imported_whole_instead():
+    """Hiding a package MONAI cannot do without (here its own utils) must not break the run: MONAI comes in whole."""
+    proc = _python("""
+import sys
+from covid_monai.lean_import import import_monai_for_inference
+assert import_monai_for_inference(("monai.utils",)) is False
+import covid_monai.inference
+from monai.transforms import Spacingd
+assert "monai.utils" in sys.modules and Spacingd is sys.modules["monai.transforms"].Spacingd
+print("whole")
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "whole"
