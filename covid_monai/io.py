@@ -667,7 +667,8 @@ class LoadScand(LoadImaged):
     """``LoadImaged`` that reads NIfTI files with :class:`FastNibabelReader` (other formats as ``LoadImaged``).
 
     The reader is still chosen by file suffix, so a bad file raises its reader's own error, as with ``LoadImaged``.
-    Takes ``LoadImaged``'s arguments.
+    Takes ``LoadImaged``'s arguments. The bundle's one loader: inference, training and evaluation all read with it, so
+    none of them prints MONAI's notices about a missing GPU DICOM decoder.
     """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
