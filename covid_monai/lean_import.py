@@ -68,18 +68,18 @@ def import_monai_for_inference(not_needed: Sequence[str] = NOT_NEEDED_FOR_INFERE
     finder = _Unfindable(not_needed)
     sys.meta_path.insert(0, finder)
     try:
-        importlib.import_module("monai")
-        importlib.import_module("monai.bundle")  # not part of `import monai`; covid_monai.bundle parses configs with it
+        _import_monai()
+        return True
     except ImportError as error:
         logger.debug("MONAI did not import without %s (%s): importing it whole", ", ".join(not_needed), error)
         for name in [name for name in sys.modules if name == "monai" or name.startswith("monai.")]:
             del sys.modules[name]
-        lean = False
-    else:
-        lean = True
     finally:
         sys.meta_path.remove(finder)
-    if not lean:
-        importlib.import_module("monai")
-        importlib.import_module("monai.bundle")
-    return lean
+    _import_monai()
+    return False
+
+
+def _import_monai() -> None:
+    importlib.import_module("monai")
+    importlib.import_module("monai.bundle")  # not part of `import monai`; covid_monai.bundle parses configs with it
