@@ -95,7 +95,8 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-postprocess", action="store_true", help="keep the raw thresholded mask (no lung limit)")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
     p.add_argument("--force", action="store_true", help="allow an output folder inside an input folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no progress log lines (warnings, errors and the final counts still print)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument(
         "--distributed",
@@ -279,7 +280,11 @@ def main(argv: Sequence[str] | None = None, lean_imports: bool = False) -> int:
     debug = getattr(args, "debug", False)
     rank = os.environ.get("RANK", "0") if getattr(args, "distributed", False) else None
     where = "" if rank is None else f" rank{rank}"
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{where} %(name)s %(levelname)s: %(message)s")
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format=f"%(asctime)s{where} %(name)s %(levelname)s: %(message)s",
+    )
     try:
         if unknown and args.command not in ("train", "prepare-train", "demo", "infer"):
             raise UsageError(f"unrecognised arguments: {' '.join(unknown)}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -228,3 +231,19 @@ def test_infer_refuses_unknown_setting(tmp_path, random_bundle, phantoms, capsys
                  str(random_bundle), "--device", "cpu", "--quiet", "--treshold", "0.3"])
     assert code == 1
     assert "no setting treshold" in capsys.readouterr().err
+
+
+def test_quiet_infer_prints_only_the_counts(tmp_path, random_bundle, phantoms):
+    """``covid-monai infer --quiet`` (a process of its own, workers on) prints the final counts and no progress log
+    lines; without it the log says when the run finished."""
+    scan = str(phantoms / "images" / "phantom_000.nii.gz")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    runs = {}
+    for quiet in (True, False):
+        args = [sys.executable, "-m", "covid_monai", "infer", scan, "-o", str(tmp_path / f"out_{quiet}"),
+                "--bundle", str(random_bundle), "--device", "cpu", *(["--quiet"] if quiet else [])]
+        runs[quiet] = subprocess.run(args, env=env, capture_output=True, encoding="utf-8", timeout=300)
+        assert runs[quiet].returncode == 0, runs[quiet].stderr[-3000:]
+        assert runs[quiet].stdout.startswith("1 segmented, 0 skipped (done before), 0 failed")
+    assert "infer finished" in runs[False].stderr
+    assert " INFO: " not in runs[True].stderr, runs[True].stderr[-3000:]
