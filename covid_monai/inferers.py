@@ -35,6 +35,7 @@ __all__ = [
     "cpu_bf16_supported",
     "freeze_for_cpu_inference",
     "load_inference_network",
+    "precision_name",
 ]
 
 
@@ -60,6 +61,21 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     if device.type == "cpu" and cpu_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def precision_name(device: torch.device | str, amp: bool) -> str:
+    """In words, the precision the network runs in with the bundle's ``amp`` knob on ``device``.
+
+    Example:
+        >>> precision_name("cuda", amp=True)
+        'fp16 autocast'
+    """
+    dtype = autocast_dtype(device) if amp else None
+    if dtype is not None:
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype)) + " autocast"
+    if amp and torch.device(device).type == "cpu":
+        return "fp32 (amp on, but this CPU has no AMX, where bf16 runs slower than fp32)"
+    return "fp32"
 
 
 def freeze_for_cpu_inference(

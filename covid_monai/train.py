@@ -13,6 +13,7 @@ import torch
 from covid_monai.bundle import create_bundle, load_config, resolve_device, run_workflow
 from covid_monai.datalist import build_datalist, check_bundle_training_data, write_datalist
 from covid_monai.handlers import atomic_torch_save, averaged_weights, check_resume_checkpoint
+from covid_monai.inferers import precision_name
 
 __all__ = ["read_training_curves", "train_bundle", "write_training_curves"]
 
@@ -68,16 +69,17 @@ def train_bundle(
     create_bundle(out, knobs)
     write_datalist(datalist, datalist_path)
     torch_device = resolve_device(device)
-    logger.info(
-        "training on %d volumes, validating on %d, device %s",
-        len(datalist["training"]),
-        len(datalist["validation"]),
-        torch_device,
-    )
     parser = load_config(
         out,
         ["train.json"],
         {"device": f"$torch.device('{torch_device}')", "resume": resume, "dataset_dir": str(out)},
+    )
+    logger.info(
+        "training on %d volumes, validating on %d, device %s, %s",
+        len(datalist["training"]),
+        len(datalist["validation"]),
+        torch_device,
+        precision_name(torch_device, bool(parser.get_parsed_content("amp"))),
     )
     run_workflow(parser)
     best, latest = out / "models" / "model.pt", out / "models" / "latest.pt"

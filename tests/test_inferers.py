@@ -14,6 +14,7 @@ from covid_monai.inferers import (
     autocast_dtype,
     freeze_for_cpu_inference,
     load_inference_network,
+    precision_name,
 )
 from covid_monai.networks import seed_unet
 
@@ -40,6 +41,17 @@ def test_cpus_run_bf16_only_with_amx(monkeypatch, avx512_bf16, amx_tile, expecte
     monkeypatch.setattr(covid_monai.inferers, "cpu_bf16_features", lambda: features)
     assert autocast_dtype("cpu") == expected
     assert autocast_dtype("cuda") == torch.float16
+
+
+@pytest.mark.parametrize("amx_tile", [True, False])
+def test_precision_name_says_what_the_network_runs_in(monkeypatch, amx_tile):
+    """The training log names the precision, and why a CPU without AMX runs fp32 although ``amp`` is on."""
+    monkeypatch.setattr(covid_monai.inferers, "cpu_bf16_features", lambda: {"avx512_bf16": True, "amx_tile": amx_tile})
+    without_amx = "fp32 (amp on, but this CPU has no AMX, where bf16 runs slower than fp32)"
+    assert precision_name("cpu", amp=True) == ("bf16 autocast" if amx_tile else without_amx)
+    assert precision_name("cpu", amp=False) == "fp32"
+    assert precision_name("cuda", amp=True) == "fp16 autocast"
+    assert precision_name("cuda:1", amp=False) == "fp32"
 
 
 def test_autocast_inferer_trains_in_bf16_with_fp32_logits(bf16_cpu):
