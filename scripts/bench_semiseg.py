@@ -112,6 +112,10 @@ FINE_TUNE_EPOCHS = 80
 """Epochs of fine-tuning on the labelled slices after pre-training (e9); without ``--unlabelled`` the recipe's
 ``epochs`` (140, measured from scratch in e8) apply."""
 
+MULTICLASS_FINE_TUNE_EPOCHS = 40
+"""Fine-tuning epochs of the CPU recipe with ``--labels multiclass`` after pre-training: e10 (40 epochs) and e15
+(80) scored the same (ground glass 0.529 / 0.528, consolidation 0.413 / 0.394), so the shorter one is the default."""
+
 THRESHOLDS = np.linspace(1.0, 0.0, 256)
 
 GPU_PRETRAIN_EPOCHS, GPU_FINE_TUNE_EPOCHS = 20, 200
@@ -500,7 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epochs:
         knobs["epochs"] = args.epochs
     elif args.unlabelled and "epochs" not in parse_overrides(extra):
-        knobs["epochs"] = fine_tune_epochs
+        multiclass_cpu = args.labels == "multiclass" and args.recipe == "cpu"
+        knobs["epochs"] = MULTICLASS_FINE_TUNE_EPOCHS if multiclass_cpu else fine_tune_epochs
     if args.checkpoint == "last":
         knobs["val_interval"] = int(knobs["epochs"]) + 1
     if args.reuse_models:
