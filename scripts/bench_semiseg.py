@@ -108,22 +108,19 @@ recipe is the one the figures in ``docs/experiments.md`` rest on."""
 PRETRAIN_EPOCHS = 4
 """Epochs over the unlabelled slices with ``--unlabelled`` (e9)."""
 
-FINE_TUNE_EPOCHS = 80
-"""Epochs of fine-tuning on the labelled slices after pre-training (e9); without ``--unlabelled`` the recipe's
-``epochs`` (140, measured from scratch in e8) apply."""
-
-MULTICLASS_FINE_TUNE_EPOCHS = 40
-"""Fine-tuning epochs of the CPU recipe with ``--labels multiclass`` after pre-training: e10 (40 epochs) and e15
-(80) scored the same (ground glass 0.529 / 0.528, consolidation 0.413 / 0.394), so the shorter one is the default."""
+FINE_TUNE_EPOCHS = {"binary": 80, "multiclass": 40}
+"""Epochs of fine-tuning on the labelled slices after pre-training, per ``--labels``: binary 80 (e9); multi-class 40,
+because e10 (40 epochs) and e15 (80) scored the same (ground glass 0.529 / 0.528, consolidation 0.413 / 0.394).
+Without ``--unlabelled`` the recipe's ``epochs`` (140, measured from scratch in e8) apply."""
 
 THRESHOLDS = np.linspace(1.0, 0.0, 256)
 
-GPU_PRETRAIN_EPOCHS, GPU_FINE_TUNE_EPOCHS = 20, 200
-"""Pre-training and fine-tuning epochs of :data:`GPU_RECIPE` with ``--unlabelled``."""
+GPU_PRETRAIN_EPOCHS, GPU_FINE_TUNE_EPOCHS = 20, {"binary": 200, "multiclass": 200}
+"""Pre-training and fine-tuning epochs (per ``--labels``) of :data:`GPU_RECIPE` with ``--unlabelled``."""
 
 RECIPES = {"cpu": (RECIPE, PRETRAIN_EPOCHS, FINE_TUNE_EPOCHS), "gpu": (GPU_RECIPE, GPU_PRETRAIN_EPOCHS,
                                                                        GPU_FINE_TUNE_EPOCHS)}
-"""``--recipe`` name: (knobs, pre-training epochs, fine-tuning epochs)."""
+"""``--recipe`` name: (knobs, pre-training epochs, fine-tuning epochs per ``--labels``)."""
 
 
 @dataclass(frozen=True)
@@ -504,8 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epochs:
         knobs["epochs"] = args.epochs
     elif args.unlabelled and "epochs" not in parse_overrides(extra):
-        multiclass_cpu = args.labels == "multiclass" and args.recipe == "cpu"
-        knobs["epochs"] = MULTICLASS_FINE_TUNE_EPOCHS if multiclass_cpu else fine_tune_epochs
+        knobs["epochs"] = fine_tune_epochs[args.labels]
     if args.checkpoint == "last":
         knobs["val_interval"] = int(knobs["epochs"]) + 1
     if args.reuse_models:
