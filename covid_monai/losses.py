@@ -12,7 +12,11 @@ LOSS_NAMES = ("bce", "dice", "dicece", "dicefocal")
 
 
 def segmentation_loss(
-    name: str, multiclass: bool = False, batch: bool = True, deep_supervision: int = 0
+    name: str,
+    multiclass: bool = False,
+    batch: bool = True,
+    deep_supervision: int = 0,
+    background: bool = True,
 ) -> torch.nn.Module:
     """The loss ``name`` on the network's logits.
 
@@ -26,6 +30,10 @@ def segmentation_loss(
         batch: Dice over the whole batch (``True``) or per image and averaged (the ``dice_per_image`` knob negated).
         deep_supervision: the network's extra outputs; when non-zero the loss is MONAI's ``DeepSupervisionLoss``
             over them (weights halving with each coarser output).
+        background: for a multi-class network, whether the background channel takes part in the Dice term (and,
+            for ``dicefocal``, in the focal term; the cross-entropy of ``dicece`` always sees every class).
+            ``False`` averages the Dice over ground glass and consolidation only, so the near-perfect background
+            Dice no longer dilutes them. A binary network has no background channel: ignored there.
 
     Returns:
         The loss module.
@@ -51,6 +59,7 @@ def segmentation_loss(
             "smooth_nr": 1.0,
             "smooth_dr": 1.0,
             "batch": batch,
+            "include_background": background or not multiclass,
         }
         if name == "dice":
             loss = DiceLoss(**dice)

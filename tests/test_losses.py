@@ -48,3 +48,34 @@ def test_the_bundle_builds_only_the_named_loss(tmp_path):
     loss = parser.get_parsed_content("loss")
     assert type(loss).__name__ == "DeepSupervisionLoss" and isinstance(loss.loss, DiceFocalLoss)
     assert "losses" not in parser  # no dictionary of every loss to build
+
+
+@pytest.mark.parametrize("name", ["dice", "dicece", "dicefocal"])
+def test_multiclass_dice_without_background_scores_only_the_lesion_classes(name):
+    settings = {"softmax": True, "to_onehot_y": True, "smooth_nr": 1.0, "smooth_dr": 1.0, "batch": False,
+                "include_background": False}
+    reference = {"dice": DiceLoss, "dicece": DiceCELoss, "dicefocal": DiceFocalLoss}[name]
+    reference_loss = reference(**settings, **({"gamma": 2.0} if name == "dicefocal" else {}))
+    logits, labels = _batch(multiclass=True)
+    loss = segmentation_loss(name, multiclass=True, batch=False, background=False)
+    torch.testing.assert_close(loss(logits, labels), reference_loss(logits, labels))
+    with_background = segmentation_loss(name, multiclass=True, batch=False)
+    assert not torch.allclose(loss(logits, labels), with_background(logits, labels))
+    # a perfect background channel no longer lowers the loss: only ground glass and consolidation count
+    sign = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    background_only = torch.where(labels == 0, 20.0, -20.0).repeat(1, 3, 1, 1) * sign
+    assert float(loss(background_only, labels)) > float(with_background(background_only, labels))
+
+
+def test_binary_networks_ignore_the_background_setting():
+    logits, labels = _batch(multiclass=False)
+    torch.testing.assert_close(segmentation_loss("dicefocal", background=False)(logits, labels),
+                               segmentation_loss("dicefocal")(logits, labels))
+
+
+def test_the_bundle_knob_reaches_the_loss(tmp_path):
+    bundle = create_bundle(tmp_path / "b", {"labels": "multiclass", "loss_name": "dicefocal", "dice_background": False})
+    loss = load_config(bundle, ["train.json"]).get_parsed_content("loss")
+    assert isinstance(loss, DiceFocalLoss) and not loss.dice.include_background and not loss.focal.include_background
+    default = load_config(create_bundle(tmp_path / "c", {"labels": "multiclass"}), ["train.json"])
+    assert default.get_parsed_content("loss").dice.include_background
