@@ -3,9 +3,9 @@
 
 ``crop_to_lungs`` sends only the lung box (+ ``lung_crop_margin_mm``) through the network. It changes the U-Net's
 view of the slice border, so a phantom's Dice moves either way; this measures by how much on enough phantoms to
-average that out. The model is the end-to-end test's (the demo's 12 training phantoms, seed 0, 60 epochs; or
-``--bundle`` to reuse one), scored on ``--n`` held-out phantoms and ``--n`` of the disjoint part. Every variant runs
-with fp32 and full-resolution post-processing, as the test's plain path, so only the crop differs:
+average that out. The model is the end-to-end test's: :func:`covid_monai.demo.run_demo` with the demo's 12 training
+phantoms, seed 0, 60 epochs, which also writes ``--n`` held-out phantoms and ``--n`` of the disjoint part to score.
+Every variant runs the bundle's own inference pipeline in fp32, so only the crop differs:
 
 - ``whole slice``: no lung crop (the body box only);
 - ``margin M mm``: the lung box + M mm in-plane (+30 mm along z, the default), for each ``--margins`` M.
@@ -14,7 +14,7 @@ Per variant: the mean Dice over all phantoms (and per part), its difference from
 Dice, and the seconds of one ``run_batch`` call per part (model load included).
 
 Example:
-    .venv/bin/python benchmarks/bench_lung_crop.py --work runs/lung_crop --bundle runs/lung_crop/demo/bundle
+    .venv/bin/python benchmarks/bench_lung_crop.py --work runs/lung_crop
 """
 
 from __future__ import annotations
@@ -31,14 +31,13 @@ from _common import machine_info, write_result  # noqa: E402 - benchmarks/ is on
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "bench_lung_crop.json"
-PARTS = {"held_out": 10_000, "disjoint": 20_000}
-"""Scored parts and their phantom seeds (the demo's: seed + 10000 and seed + 20000)."""
+PARTS = {"held_out": "test", "disjoint": "disjoint"}
+"""Scored parts and their folders under ``run_demo``'s ``data/``."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="scratch folder: phantoms, the trained model, masks")
-    p.add_argument("--bundle", type=Path, help="a trained bundle to reuse instead of training the test's model")
     p.add_argument("--n", type=int, default=8, help="phantoms of each part (default 8)")
     p.add_argument("--margins", type=float, nargs="+", default=[20, 40, 60, 80],
                    help="in-plane lung-box margins in mm (default 20 40 60 80)")
@@ -56,31 +55,16 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_e2e import FULL_RESOLUTION_POSTPROCESSING  # the plain path the end-to-end test compares against
-
-    from covid_monai.demo import DEMO_KNOBS, DISJOINT_PART, TRAINING_PART
+    from covid_monai.demo import run_demo
     from covid_monai.evaluate import evaluate_folders
     from covid_monai.inference import run_batch
-    from covid_monai.phantom import write_phantoms
-    from covid_monai.train import train_bundle
 
-    bundle = args.bundle
-    if bundle is None:  # what run_demo(epochs=60, seed=0, knobs={"val_interval": 10}) trains, without its scoring
-        write_phantoms(args.work / "demo" / "train", n=12, seed=0, spec=TRAINING_PART)
-        bundle = train_bundle(args.work / "demo" / "train", args.work / "demo" / "bundle",
-                              {**DEMO_KNOBS, "epochs": 60, "val_interval": 10}, device="cpu", seed=0)
-    folders = {}
-    for part, seed in PARTS.items():
-        folders[part] = args.work / "phantoms" / part
-        if not (folders[part] / "labels").is_dir():
-            write_phantoms(folders[part], n=args.n, seed=seed,
-                           spec=TRAINING_PART if part == "held_out" else DISJOINT_PART)
-    plain = {"amp": False, "crop_to_lungs": False, "postprocessing#transforms": FULL_RESOLUTION_POSTPROCESSING}
-    variants = {"whole slice": plain}
+    demo = args.work / "demo"
+    run_demo(demo, n_test=args.n, n_disjoint=args.n, epochs=60, device="cpu", seed=0, knobs={"val_interval": 10})
+    bundle, folders = demo / "bundle", {part: demo / "data" / folder for part, folder in PARTS.items()}
+    variants = {"whole slice": {"amp": False, "crop_to_lungs": False}}
     for margin in args.margins:
-        crop = {"crop_to_lungs": True, "lung_crop_margin_mm": [margin, margin, 30]}
-        variants[f"margin {margin:g} mm"] = {**plain, **crop}
+        variants[f"margin {margin:g} mm"] = {"amp": False, "lung_crop_margin_mm": [margin, margin, 30]}
     rows: dict[str, Any] = {}
     for name, knobs in variants.items():
         per_part, seconds = {}, 0.0
