@@ -1,9 +1,10 @@
 """Inferers of the bundle: mixed precision on CPUs, and test-time flips.
 
 Mixed precision: on CUDA, MONAI's engines do automatic mixed precision themselves (``amp=True``: fp16 with a
-gradient scaler). On CPUs with AMX tiles, bf16 autocast with channels-last tensors runs the U-Net 2-3x faster than
-fp32, for training as well as inference; :class:`AutocastInferer` brings that to the training pipeline. On CPUs with
-AVX-512 BF16 but no AMX it is slower than fp32, so they run fp32 (:func:`cpu_bf16_supported`).
+gradient scaler). On CPUs with AMX tiles, and on AMD CPUs with AVX-512 BF16 (Zen 4 and later), bf16 autocast with
+channels-last tensors runs the U-Net about 2-3x faster than fp32, for training as well as inference;
+:class:`AutocastInferer` brings that to the training pipeline. On Intel CPUs with AVX-512 BF16 but no AMX it is slower
+than fp32, so they run fp32 (:func:`cpu_bf16_supported`).
 
 Inference (``inference.json``): :func:`load_inference_network` gives the trained network ready to run (weights-only
 checkpoint, eval mode, frozen on CPUs) and :class:`InferenceModeInferer` runs it in the device's precision.
@@ -11,6 +12,7 @@ checkpoint, eval mode, frozen on CPUs) and :class:`InferenceModeInferer` runs it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -33,23 +35,44 @@ __all__ = [
     "InferenceModeInferer",
     "autocast_dtype",
     "cpu_bf16_supported",
+    "cpu_vendor",
     "freeze_for_cpu_inference",
     "load_inference_network",
     "precision_name",
 ]
 
 
-def cpu_bf16_supported() -> bool:
-    """Whether bf16 runs faster than fp32 on this CPU: when it has AMX tiles.
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor id as Linux reports it (``GenuineIntel``, ``AuthenticAMD``), or ``""`` where unknown.
 
-    AVX-512 BF16 alone is not enough: on such a CPU (2 cores, no AMX) the bundle's U-Net ran slower in bf16 than in
-    fp32, by 1.3-1.65x at inference and 1.15x per training step (``docs/experiments.md``, 2026-12-04).
+    Example:
+        >>> cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")
+        True
     """
-    return cpu_bf16_features()["amx_tile"]
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether bf16 runs faster than fp32 on this CPU: with AMX tiles, or AVX-512 BF16 on an AMD CPU.
+
+    Measured with ``benchmarks/bench_precision.py`` (``docs/experiments.md``): on a 2-core AMD EPYC with AVX-512 BF16
+    (Zen 4, no AMX) bf16 was 2.0x faster per training step and 2.1x per inference call (2026-12-07); on a 2-core
+    Intel Xeon with AVX-512 BF16 but no AMX it was slower, 0.87x and 0.76x (2026-12-04); with AMX, 2-3x faster.
+    """
+    features = cpu_bf16_features()
+    return features["amx_tile"] or (features["avx512_bf16"] and cpu_vendor() == "AuthenticAMD")
 
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
-    """The mixed precision a device runs fast: fp16 on CUDA, bf16 on CPUs with AMX, else ``None``.
+    """The mixed precision a device runs fast: fp16 on CUDA, bf16 where :func:`cpu_bf16_supported`, else ``None``.
 
     Example:
         >>> autocast_dtype("cuda")
@@ -74,7 +97,7 @@ def precision_name(device: torch.device | str, amp: bool) -> str:
     if dtype is not None:
         return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype)) + " autocast"
     if amp and torch.device(device).type == "cpu":
-        return "fp32 (amp on, but this CPU has no AMX, where bf16 runs slower than fp32)"
+        return "fp32 (amp on, but bf16 runs slower than fp32 on this CPU: it has neither AMX nor AMD's AVX-512 BF16)"
     return "fp32"
 
 
