@@ -35,9 +35,9 @@ DEMO_KNOBS: dict[str, Any] = {
     "num_workers": 0,
 }
 """Bundle settings of the demo: a narrower network at phantom resolution, trained in bf16 on CPUs where that is faster
-(AMX, or AMD's AVX-512 BF16; fp32 elsewhere), so training takes minutes on 2 cores. The network sees the slices above and below as extra channels
-(``context_slices: 1``): on two seeds it raised all three demo figures (held-out, disjoint part, validation phantoms)
-by 0.01 to 0.06 Dice. The phantoms are cached and their augmentation is light, so loading
+(AMX, or AMD's AVX-512 BF16; fp32 elsewhere), so training takes minutes on 2 cores. The network sees the slices above
+and below as extra channels (``context_slices: 1``): on two seeds it raised all three demo figures (held-out, disjoint
+part, validation phantoms) by 0.01 to 0.06 Dice. The phantoms are cached and their augmentation is light, so loading
 runs in the training process: DataLoader workers would only compete with the network for the cores."""
 
 # The split, in one place. Training: five lesion kinds, standard to sharp kernels. Disjoint: the two kinds held out
